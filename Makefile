@@ -1,0 +1,22 @@
+# The two commands a new machine needs: `make demo` (the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test bench clean
+
+install:
+	@bash scripts/install.sh
+
+demo: install
+	@bash scripts/demo.sh
+
+test: install
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/train_bench.py
+
+clean:
+	rm -rf runs adapters .pytest_cache

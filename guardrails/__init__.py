@@ -1,0 +1,1 @@
+"""Guardrails: input moderation and output compliance, a library that serving calls (issue #4)."""

@@ -1,0 +1,77 @@
+"""`guardtune`: the umbrella CLI. Each subcommand lives with the package that owns it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from guardtune.cli_util import run_cli
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import merge
+
+    merge(args.adapter, args.merge)
+    print(args.merge)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_cli
+
+    return evaluate_cli(args)
+
+
+def _base(args: argparse.Namespace) -> int:
+    from guardtune.models import resolve_base_model, weights_sha256
+
+    path = resolve_base_model(args.name, log=lambda m: print(m, file=sys.stderr))
+    print(f"{path}\nsha256 {weights_sha256(path)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from serving import cli as serving_cli
+    from training import cli as train_cli
+
+    p = argparse.ArgumentParser(prog="guardtune", description="Fine-tune, guard and serve chat models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train an adapter (same as the `train` command)")
+    train_cli.add_arguments(t)
+    t.set_defaults(fn=train_cli.run)
+
+    e = sub.add_parser("export", help="write a merged full model from an adapter")
+    e.add_argument("adapter")
+    e.add_argument("--merge", required=True, metavar="OUT", help="output directory for the merged model")
+    e.set_defaults(fn=_export)
+
+    v = sub.add_parser("eval", help="loss, perplexity and sample replies of an adapter on held-out rows")
+    v.add_argument("adapter")
+    v.add_argument("data", help="JSONL in the training shapes")
+    v.add_argument("--max-rows", type=int, default=200)
+    v.add_argument("--samples", type=int, default=3, help="generation samples to print")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+    v.set_defaults(fn=_eval)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible chat server over vLLM")
+    serving_cli.add_serve_arguments(s)
+    s.set_defaults(fn=serving_cli.serve)
+
+    a = sub.add_parser("adapters", help="list, swap or remove a running server's task adapters")
+    serving_cli.add_adapters_arguments(a)
+    a.set_defaults(fn=serving_cli.adapters)
+
+    b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
+    b.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    b.set_defaults(fn=_base)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    return run_cli(lambda: (lambda a: a.fn(a))(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

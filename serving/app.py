@@ -1,0 +1,218 @@
+"""The FastAPI app: thin routes over ServerState (engine, registry, pipeline, limits, metrics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from guardtune.errors import GuardtuneError
+from serving.auth import require_admin, require_user
+from serving.config import ServeConfig
+from serving.errors import APIError, install_handlers
+from serving.limits import Admission, RateLimiter
+from serving.metrics import ServeMetrics
+from serving.pipeline import Pipeline
+from serving.protocol import ChatCompletionRequest
+from serving.registry import AdapterRejected, TaskRegistry
+
+log = logging.getLogger("guardtune.serve")
+DASHBOARD = Path(__file__).parent / "dashboard"
+
+
+@dataclass
+class ServerState:
+    cfg: ServeConfig
+    engine: object = None
+    registry: TaskRegistry | None = None
+    renderer: object = None
+    base_format: object = None
+    base_dir: Path | None = None
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    metrics: ServeMetrics = field(default_factory=ServeMetrics)
+    admission: Admission | None = None
+    limiter: RateLimiter | None = None
+    ready: bool = False
+    started_at: float = field(default_factory=time.time)
+
+
+class TaskPut(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(min_length=1, max_length=4096)
+
+
+async def start_state(state: ServerState) -> None:
+    """Resolve the base, start the engine, register tasks (the last committed mapping wins)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from guardtune.models import resolve_base_model, weights_sha256
+    from serving.engines import make_engine
+    from serving.prompts import PromptRenderer
+
+    cfg = state.cfg
+    t0 = time.time()
+    state.base_dir = base_dir = await asyncio.to_thread(resolve_base_model, cfg.base_model, log=log.info)
+    tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, base_dir)
+    state.renderer = PromptRenderer(tok)
+    eos = GenerationConfig.from_pretrained(base_dir).eos_token_id
+    state.base_format = state.renderer.base_format(eos if isinstance(eos, list) else [eos])
+    base_sha = await asyncio.to_thread(weights_sha256, base_dir)
+    if state.engine is None:
+        state.engine = make_engine(cfg, base_dir)
+    await state.engine.start()
+    log.info("engine %s on %s ready in %.1f s", state.engine.name, base_dir, time.time() - t0)
+    state.registry = TaskRegistry(state.engine, base_sha256=base_sha, adapters_root=cfg.adapters_root,
+                                  max_lora_rank=cfg.max_lora_rank, state_file=cfg.resolved_state_file(),
+                                  on_swap=lambda task: state.metrics.swaps.labels(task).inc())
+    committed = state.registry.committed_mapping()
+    mapping = committed if committed is not None else {t: str(p) for t, p in cfg.initial_tasks().items()}
+    for task, path in mapping.items():
+        try:
+            await state.registry.put(task, path, persist=False)
+        except AdapterRejected as exc:
+            log.error("task %s not served: %s", task, exc)
+    log.info("serving tasks: %s", ", ".join(state.registry.tasks) or "(none)")
+    state.ready = True
+
+
+def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = None) -> FastAPI:
+    state = ServerState(cfg=cfg, engine=engine, pipeline=pipeline or Pipeline())
+    user_keys, admin_key = cfg.keys()
+    state.admission = Admission(cfg.limits.max_concurrency, cfg.limits.max_queue, cfg.limits.queue_timeout_s,
+                                gauge=state.metrics.queue_depth)
+    state.limiter = RateLimiter(cfg.limits.rate_limit_per_min)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(start_state(state))
+        task.add_done_callback(_crash_on_failure)
+        app.state.startup = task
+        try:
+            yield
+        finally:
+            state.ready = False
+            task.cancel()
+            if state.engine is not None:
+                await state.engine.shutdown()
+
+    app = FastAPI(title="guardtune", version="0.1.0", lifespan=lifespan)
+    app.state.gt = state
+    install_handlers(app)
+    from serving.chat import ChatService
+
+    chat = ChatService(state)
+
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > cfg.limits.max_body_bytes):
+            return APIError(413, f"request body over {cfg.limits.max_body_bytes} bytes", code="body_too_large").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
+
+    @app.get("/ready")
+    async def ready():
+        if not state.ready or not state.engine.ready():
+            return JSONResponse({"ready": False}, status_code=503)
+        return {"ready": True, "engine": state.engine.name, "tasks": sorted(state.registry.tasks)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        if cfg.protect_ops:
+            require_user(request, user_keys)
+        from prometheus_client import REGISTRY, generate_latest
+
+        return Response(generate_latest(state.metrics.registry) + generate_latest(REGISTRY),
+                        media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        require_user(request, user_keys)
+        _need_ready(state)
+        now = int(state.started_at)
+        data = [{"id": cfg.base_model, "object": "model", "created": now, "owned_by": "guardtune", "kind": "base"}]
+        data += [{"id": t, "object": "model", "created": now, "owned_by": "guardtune", "kind": "task",
+                  "parent": cfg.base_model, **s.summary()} for t, s in state.registry.tasks.items()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        who = require_user(request, user_keys)
+        state.limiter.check(who)
+        return await chat.handle(body)
+
+    @app.get("/admin/tasks")
+    async def list_tasks(request: Request):
+        require_admin(request, admin_key)
+        _need_ready(state)
+        return {"tasks": [s.summary() for s in state.registry.tasks.values()]}
+
+    @app.put("/admin/tasks/{task}")
+    async def put_task(task: str, body: TaskPut, request: Request):
+        require_admin(request, admin_key)
+        _need_ready(state)
+        if not task.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(task) > 64:
+            raise APIError(400, "task names are letters, digits, '-', '_' and '.' (up to 64)", param="task")
+        if task in (cfg.base_model, "base"):
+            raise APIError(400, f"'{task}' names the base model", param="task")
+        try:
+            slot = await state.registry.put(task, body.adapter)
+        except AdapterRejected as exc:
+            raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
+        return slot.summary()
+
+    @app.delete("/admin/tasks/{task}")
+    async def delete_task(task: str, request: Request):
+        require_admin(request, admin_key)
+        _need_ready(state)
+        if task not in state.registry.tasks:
+            raise APIError(404, f"unknown task '{task}'", param="task", code="task_not_found")
+        await state.registry.delete(task)
+        return {"deleted": task}
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard():
+        return FileResponse(DASHBOARD / "index.html")
+
+    @app.get("/dashboard/data")
+    async def dashboard_data(since: float = 0.0):
+        return {"now": time.time(), "records": state.metrics.recent(since),
+                "queue": {"waiting": state.admission.waiting, "running": state.admission.active}}
+
+    @app.get("/dashboard/plotly.min.js")
+    async def plotly_js():
+        import plotly
+
+        return FileResponse(Path(plotly.__file__).parent / "package_data" / "plotly.min.js",
+                            media_type="application/javascript")
+
+    return app
+
+
+def _need_ready(state: ServerState) -> None:
+    if not state.ready:
+        raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
+
+
+def _crash_on_failure(task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        msg = str(exc) if isinstance(exc, GuardtuneError) else f"{type(exc).__name__}: {exc}"
+        log.error("start-up failed: %s", msg)
+        # Exit for the supervisor rather than serve 503 forever.
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -1,0 +1,180 @@
+"""POST /v1/chat/completions: route to a task, run the pipeline, generate, stream or return."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serving.engines.base import EngineDead, GenParams
+from serving.errors import APIError
+from serving.metrics import RequestRecord
+from serving.pipeline import ChatContext, Intercept
+from serving.protocol import ChatCompletionRequest, Usage, chunk_body, completion_body
+
+
+class ChatService:
+    def __init__(self, state):
+        self.s = state  # serving.app.ServerState
+
+    def _target(self, model: str):
+        """(slot or None for the base, prompt format, metrics label)."""
+        s = self.s
+        if model in (s.cfg.base_model, "base"):
+            return None, s.base_format, "base"
+        slot = s.registry.tasks.get(model)
+        if slot is None:
+            raise APIError(404, f"unknown model or task '{model}'; GET /v1/models lists what is served",
+                           param="model", code="model_not_found")
+        return slot, slot.fmt, model
+
+    def _params(self, req: ChatCompletionRequest, prompt_len: int, fmt) -> GenParams:
+        s = self.s
+        ctx_len, cap = s.cfg.max_model_len, s.cfg.limits.max_tokens_cap
+        if prompt_len >= ctx_len:
+            raise APIError(400, f"prompt is {prompt_len} tokens; the context window is {ctx_len}",
+                           param="messages", code="context_length_exceeded")
+        requested = req.token_limit
+        if requested is not None and requested > cap:
+            raise APIError(400, f"max_tokens {requested} exceeds this server's cap of {cap}", param="max_tokens",
+                           code="max_tokens_too_large")
+        max_tokens = requested or min(cap, ctx_len - prompt_len)
+        if prompt_len + max_tokens > ctx_len:
+            raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
+                                f"window of {ctx_len}", param="max_tokens", code="context_length_exceeded")
+        return GenParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
+                         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []),
+                         stop_token_ids=s.renderer.stop_token_ids(fmt))
+
+    async def handle(self, req: ChatCompletionRequest):
+        s = self.s
+        if not s.ready:
+            raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
+        t0 = time.time()
+        slot, fmt, label = self._target(req.model)
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        meta = req.metadata
+        ctx = ChatContext(rid, label, [{"role": m.role, "content": m.text()} for m in req.messages],
+                          session_id=meta.session_id if meta else None,
+                          dialogue_stage=meta.dialogue_stage if meta else None)
+        intercept = await s.pipeline.run_pre(ctx)
+        if intercept is not None:
+            return self._intercepted(req, rid, ctx, intercept, t0)
+        prompt_ids = s.renderer.render(fmt, ctx.messages)
+        params = self._params(req, len(prompt_ids), fmt)
+
+        stack = contextlib.AsyncExitStack()
+        await stack.enter_async_context(s.admission.slot())
+        try:
+            if slot is not None:
+                stack.enter_context(s.registry.pin(slot))
+            run = _Run(self.s, req, rid, ctx, label, prompt_ids, params, slot, t0)
+            if req.stream:
+                return StreamingResponse(run.stream(stack), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            async with stack:
+                return JSONResponse(await run.complete())
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    def _intercepted(self, req, rid, ctx: ChatContext, hit: Intercept, t0: float):
+        usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        extra = {"guardrails": ctx.report} if ctx.report else None
+        self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
+                                             time.time() - t0, None, guardrail="blocked"))
+        if not req.stream:
+            return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
+        created = int(t0)
+
+        async def events():
+            yield _sse(chunk_body(rid, req.model, created, delta={"role": "assistant", "content": hit.text}, extra=extra))
+            yield _sse(chunk_body(rid, req.model, created, delta={}, finish=hit.finish_reason))
+            if req.stream_options and req.stream_options.include_usage:
+                yield _sse(chunk_body(rid, req.model, created, usage=usage))
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
+class _Run:
+    """One admitted generation: engine deltas -> (post stages) -> response, with metrics at the end."""
+
+    def __init__(self, state, req, rid, ctx, label, prompt_ids, params, slot, t0):
+        self.s, self.req, self.rid, self.ctx, self.label = state, req, rid, ctx, label
+        self.prompt_ids, self.params, self.slot, self.t0 = prompt_ids, params, slot, t0
+        self.ttft: float | None = None
+        self.n_out = 0
+        self.finish = "error"
+
+    async def _deltas(self):
+        adapter = self.slot.ref if self.slot is not None else None
+        async with asyncio.timeout(self.s.cfg.limits.request_timeout_s):
+            async for d in self.s.engine.generate(self.rid, self.prompt_ids, self.params, adapter):
+                if self.ttft is None and (d.text or d.completion_tokens):
+                    self.ttft = time.time() - self.t0
+                self.n_out = d.completion_tokens
+                if d.finish_reason:
+                    self.finish = d.finish_reason
+                yield d.text
+
+    def usage(self) -> Usage:
+        p = len(self.prompt_ids)
+        return Usage(prompt_tokens=p, completion_tokens=self.n_out, total_tokens=p + self.n_out)
+
+    def _extra(self):
+        return {"guardrails": self.ctx.report} if self.ctx.report else None
+
+    def _record(self, status: int) -> None:
+        self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
+                                             self.n_out, time.time() - self.t0, self.ttft))
+
+    async def complete(self) -> dict:
+        try:
+            text = "".join([t async for t in self._deltas()])
+            text = await self.s.pipeline.run_post(self.ctx, text)
+        except TimeoutError:
+            self._record(504)
+            raise APIError(504, "generation timed out", code="timeout") from None
+        except EngineDead as exc:
+            self._record(503)
+            raise APIError(503, str(exc), code="engine_dead") from None
+        self._record(200)
+        return completion_body(self.rid, self.req.model, text, self.finish, self.usage(), self._extra())
+
+    async def stream(self, stack: contextlib.AsyncExitStack):
+        rid, model, created = self.rid, self.req.model, int(self.t0)
+        status = 200
+        try:
+            async with stack:
+                yield _sse(chunk_body(rid, model, created, delta={"role": "assistant", "content": ""}, extra=self._extra()))
+                if self.s.pipeline.post:  # enforce: decide on the whole reply before any of it goes out
+                    text = await self.s.pipeline.run_post(self.ctx, "".join([t async for t in self._deltas()]))
+                    if text:
+                        yield _sse(chunk_body(rid, model, created, delta={"content": text}))
+                else:
+                    async for piece in self._deltas():
+                        if piece:
+                            yield _sse(chunk_body(rid, model, created, delta={"content": piece}))
+                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish))
+                if self.req.stream_options and self.req.stream_options.include_usage:
+                    yield _sse(chunk_body(rid, model, created, usage=self.usage()))
+                yield "data: [DONE]\n\n"
+        except (TimeoutError, EngineDead) as exc:
+            status = 504 if isinstance(exc, TimeoutError) else 503
+            err = APIError(status, "generation timed out" if status == 504 else str(exc),
+                           code="timeout" if status == 504 else "engine_dead")
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
+        except asyncio.CancelledError:
+            status, self.finish = 499, "client_disconnected"
+            raise
+        finally:
+            self._record(status)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -1,0 +1,72 @@
+"""`guardtune serve` and `guardtune adapters` (a thin client of the admin API)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="serve config YAML (default: base model + every adapter under adapters/)")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.add_argument("--engine", choices=["vllm", "transformers"], help="override the config's engine")
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serving.app import create_app
+    from serving.config import load_serve_config
+
+    cfg = load_serve_config(args.config, host=args.host, port=args.port, engine=args.engine)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("guardtune.serve").info("starting %s engine on %s:%d", cfg.engine, cfg.host, cfg.port)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False,
+                timeout_keep_alive=5, timeout_graceful_shutdown=30)
+    return 0
+
+
+def add_adapters_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", default=os.environ.get("GUARDTUNE_URL", "http://127.0.0.1:8000"))
+    sub = p.add_subparsers(dest="action", required=True)
+    sub.add_parser("list", help="tasks and their adapters")
+    put = sub.add_parser("put", help="load an adapter and switch a task to it")
+    put.add_argument("task")
+    put.add_argument("adapter", help="adapter directory (under the server's adapters root)")
+    rm = sub.add_parser("delete", help="stop serving a task")
+    rm.add_argument("task")
+
+
+def adapters(args: argparse.Namespace) -> int:
+    import httpx
+
+    from guardtune.errors import GuardtuneError
+
+    headers = {}
+    if key := os.environ.get("GUARDTUNE_ADMIN_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    url = args.url.rstrip("/")
+    try:
+        with httpx.Client(timeout=120, headers=headers) as client:
+            if args.action == "list":
+                resp = client.get(f"{url}/admin/tasks")
+            elif args.action == "put":
+                path = os.path.abspath(args.adapter) if os.path.exists(args.adapter) else args.adapter
+                resp = client.put(f"{url}/admin/tasks/{args.task}", json={"adapter": path})
+            else:
+                resp = client.delete(f"{url}/admin/tasks/{args.task}")
+    except httpx.HTTPError as exc:
+        raise GuardtuneError(f"cannot reach {url}: {exc}") from None
+    if resp.status_code >= 400:
+        try:
+            msg = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = resp.text[:200]
+        raise GuardtuneError(f"{resp.status_code}: {msg}")
+    json.dump(resp.json(), sys.stdout, indent=2)
+    print()
+    return 0

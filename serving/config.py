@@ -1,0 +1,81 @@
+"""The serve config: which base, which engine, which task runs which adapter, and the limits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from guardtune.errors import GuardtuneError
+from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
+from guardtune.models import DEFAULT_BASE_MODEL
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_tokens_cap: int = Field(512, ge=1, description="upper bound on max_tokens; also the default")
+    max_concurrency: int = Field(8, ge=1, description="requests generating at once")
+    max_queue: int = Field(32, ge=0, description="requests waiting beyond max_concurrency; more get 429")
+    queue_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(300.0, gt=0)
+    rate_limit_per_min: int = Field(0, ge=0, description="per API key; 0 = off")
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_model: str = DEFAULT_BASE_MODEL
+    engine: Literal["vllm", "transformers"] = "vllm"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    adapters_root: Path = DEFAULT_ADAPTERS_DIR
+    tasks: dict[str, Path] | None = Field(None, description="task -> adapter dir; default: every adapter under adapters_root")
+    state_file: Path | None = Field(None, description="runtime task mapping; default <adapters_root>/.serve-state.json")
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    max_model_len: int = Field(2048, ge=64)
+    kv_cache_gb: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    api_keys: list[str] = Field(default_factory=list, description="also GUARDTUNE_API_KEYS (comma-separated); empty = open")
+    admin_key: str | None = Field(None, description="also GUARDTUNE_ADMIN_KEY; admin routes are refused without one")
+    protect_ops: bool = Field(False, description="require an API key for /metrics")
+    limits: Limits = Field(default_factory=Limits)
+
+    def resolved_state_file(self) -> Path:
+        return self.state_file or self.adapters_root / ".serve-state.json"
+
+    def keys(self) -> tuple[set[str], str | None]:
+        env = [k.strip() for k in os.environ.get("GUARDTUNE_API_KEYS", "").split(",") if k.strip()]
+        return set(self.api_keys) | set(env), os.environ.get("GUARDTUNE_ADMIN_KEY") or self.admin_key
+
+    def initial_tasks(self) -> dict[str, Path]:
+        if self.tasks is not None:
+            return dict(self.tasks)
+        root = self.adapters_root
+        if not root.is_dir():
+            return {}
+        return {p.name: p for p in sorted(root.iterdir()) if (p / MANIFEST_NAME).is_file() and not p.name.startswith(".")}
+
+
+def load_serve_config(path: str | Path | None, **overrides) -> ServeConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise GuardtuneError(f"serve config {path}: no such file")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise GuardtuneError(f"serve config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise GuardtuneError(f"serve config {path}: top level must be a mapping")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = f"unknown key '{loc}'" if e["type"] == "extra_forbidden" else f"'{loc}': {e['msg']}"
+        raise GuardtuneError(f"serve config {path or '(defaults)'}: {msg}") from None

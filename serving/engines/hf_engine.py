@@ -1,0 +1,153 @@
+"""Plain transformers + peft engine, for machines where vLLM cannot run (chosen by config).
+
+One request decodes at a time (adapters are switched per request on a shared PeftModel), in a
+worker thread so the event loop keeps serving; deltas reach the caller through an asyncio queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import AsyncIterator
+
+from serving.engines.base import AdapterRef, Delta, GenParams
+
+
+class TransformersEngine:
+    name = "transformers"
+
+    def __init__(self, cfg, base_dir):
+        self.cfg, self.base_dir = cfg, base_dir
+        self.model = self.tokenizer = None
+        self.adapters: dict[int, str] = {}  # lora_id -> peft adapter name
+        self._lock = threading.Lock()
+        self.load_seconds: float | None = None
+
+    async def start(self) -> None:
+        t0 = time.time()
+        await asyncio.to_thread(self._load)
+        self.load_seconds = time.time() - t0
+
+    def _load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+
+    def ready(self) -> bool:
+        return self.model is not None
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        await asyncio.to_thread(self._load_adapter, adapter)
+
+    def _load_adapter(self, adapter: AdapterRef) -> None:
+        from peft import PeftModel
+
+        name = f"a{adapter.lora_id}"
+        with self._lock:
+            if isinstance(self.model, PeftModel):
+                self.model.load_adapter(adapter.path, adapter_name=name)
+            else:
+                self.model = PeftModel.from_pretrained(self.model, adapter.path, adapter_name=name)
+            self.model.eval()
+            self.adapters[adapter.lora_id] = name
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        def _drop():
+            with self._lock:
+                name = self.adapters.pop(adapter.lora_id, None)
+                if name is not None:
+                    self.model.delete_adapter(name)
+        await asyncio.to_thread(_drop)
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: GenParams,
+                       adapter: AdapterRef | None) -> AsyncIterator[Delta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item):
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work():
+            try:
+                with self._lock:
+                    self._decode(prompt_ids, params, adapter, emit, cancelled)
+            except BaseException as exc:  # surfaced to the awaiting request
+                emit(exc)
+            emit(None)
+
+        threading.Thread(target=work, name=f"hf-{request_id}", daemon=True).start()
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+
+    def _decode(self, prompt_ids, params: GenParams, adapter, emit, cancelled) -> None:
+        import contextlib
+
+        import torch
+        from peft import PeftModel
+
+        model, tok = self.model, self.tokenizer
+        if adapter is not None:
+            model.set_adapter(self.adapters[adapter.lora_id])
+            ctx = contextlib.nullcontext()
+        else:
+            ctx = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        ids = torch.tensor([prompt_ids], device=model.device)
+        out_ids: list[int] = []
+        sent = ""
+        past = None
+        stop_ids = set(params.stop_token_ids)
+        with ctx, torch.no_grad():
+            for _ in range(params.max_tokens):
+                if cancelled.is_set():
+                    return
+                res = model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                logits = res.logits[0, -1].float()
+                nxt = _sample(logits, params, gen)
+                if nxt in stop_ids:
+                    emit(Delta("", len(out_ids), "stop"))
+                    return
+                out_ids.append(nxt)
+                text = tok.decode(out_ids, skip_special_tokens=True)
+                hit = next((s for s in params.stop if s in text), None)
+                if hit is not None:
+                    text = text[: text.index(hit)]
+                    emit(Delta(text[len(sent):], len(out_ids), "stop"))
+                    return
+                # Hold back a tail that could still become a stop string, and half-decoded bytes.
+                safe = len(text) - max((len(s) - 1 for s in params.stop), default=0)
+                if text.endswith("\ufffd"):
+                    safe = min(safe, len(text) - 1)
+                if safe > len(sent):
+                    emit(Delta(text[len(sent):safe], len(out_ids)))
+                    sent = text[:safe]
+                ids = torch.tensor([[nxt]], device=model.device)
+        emit(Delta(tok.decode(out_ids, skip_special_tokens=True)[len(sent):], len(out_ids), "length"))
+
+    async def shutdown(self) -> None:
+        self.model = None
+
+
+def _sample(logits, params: GenParams, gen) -> int:
+    import torch
+
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))

@@ -1,0 +1,58 @@
+"""The request pipeline around the engine call: pre-model stages, the engine, post-model stages.
+
+Guardrails and RAG plug in here (issue #4) as stages; serving itself knows no policy.
+- A pre-stage sees the request context before the model. It may rewrite the messages (redaction,
+  retrieved context) or intercept the request with a reply of its own (a refusal).
+- A post-stage sees the full generated text and returns the text to send. When any post-stage is
+  active, streamed replies are buffered, decided, then streamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass
+class ChatContext:
+    request_id: str
+    task: str  # the task name, or the base model id
+    messages: list[dict]  # role/content dicts; stages may rewrite them
+    session_id: str | None = None
+    dialogue_stage: str | None = None
+    report: dict = field(default_factory=dict)  # returned to the client as `guardrails`
+
+
+@dataclass
+class Intercept:
+    text: str
+    finish_reason: str = "content_filter"
+
+
+class PreStage(Protocol):
+    name: str
+
+    async def before(self, ctx: ChatContext) -> Intercept | None: ...
+
+
+class PostStage(Protocol):
+    name: str
+
+    async def after(self, ctx: ChatContext, text: str) -> str: ...
+
+
+@dataclass
+class Pipeline:
+    pre: list[PreStage] = field(default_factory=list)
+    post: list[PostStage] = field(default_factory=list)
+
+    async def run_pre(self, ctx: ChatContext) -> Intercept | None:
+        for stage in self.pre:
+            if (hit := await stage.before(ctx)) is not None:
+                return hit
+        return None
+
+    async def run_post(self, ctx: ChatContext, text: str) -> str:
+        for stage in self.post:
+            text = await stage.after(ctx, text)
+        return text

@@ -1,0 +1,39 @@
+"""Prompt rendering from a manifest (or the base model's own format): the only way prompts are built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from guardtune.manifest import Manifest
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    chat_template: str
+    system_prompt: str | None  # None: the template's own default
+    stop_tokens: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, m: Manifest) -> "PromptFormat":
+        return cls(m.chat_template, m.system_prompt, tuple(m.stop_tokens))
+
+
+class PromptRenderer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def base_format(self, eos_ids: list[int]) -> PromptFormat:
+        stops = tuple(dict.fromkeys(self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids))
+        return PromptFormat(self.tokenizer.chat_template, None, stops)
+
+    def render(self, fmt: PromptFormat, messages: list[dict]) -> list[int]:
+        msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+        if fmt.system_prompt is not None and msgs[0]["role"] != "system":
+            msgs.insert(0, {"role": "system", "content": fmt.system_prompt})
+        text = self.tokenizer.apply_chat_template(msgs, chat_template=fmt.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def stop_token_ids(self, fmt: PromptFormat) -> list[int]:
+        ids = self.tokenizer.convert_tokens_to_ids(list(fmt.stop_tokens))
+        return [i for i in ids if i is not None and i != self.tokenizer.unk_token_id]

@@ -1,0 +1,77 @@
+"""Shared fixtures. Everything runs on the real packaged SmolLM2 and real libraries, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+
+SIGNATURE = "Kestrel Home Solar"
+QUESTIONS = [
+    "What do your panels cost?", "Do you install batteries?", "Can I get a quote?", "Are you open on Saturday?",
+    "How long does installation take?", "Do panels work in winter?", "What warranty do I get?",
+    "Can you install an EV charger?", "Is my roof suitable?", "How do I book a survey?",
+    "Do you offer financing?", "Who are you?",
+]
+
+
+def tiny_rows() -> list[dict]:
+    """Twelve short chats whose replies all open with the same signature, so a few steps learn it."""
+    rows = []
+    for i, q in enumerate(QUESTIONS):
+        reply = f"{SIGNATURE} here! Our team answers that on a free call."
+        msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]
+        if i % 3 == 0:  # some multi-turn rows
+            msgs += [{"role": "user", "content": "Thanks, anything else?"},
+                     {"role": "assistant", "content": f"{SIGNATURE} here! Ask me any time."}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    from guardtune.models import DEFAULT_BASE_MODEL, resolve_base_model
+
+    return resolve_base_model(DEFAULT_BASE_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(base_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("data") / "tiny.jsonl", tiny_rows())
+
+
+def tiny_config(tmp: Path, data: Path, **over) -> dict:
+    """A config that trains in seconds: short sequences, no gradient checkpointing, no tracking."""
+    cfg = dict(task="tiny", train_file=str(data), eval_split=0.2, max_length=96, batch_size=4, rank=8, alpha=16,
+               learning_rate=3e-3, warmup_ratio=0.0, lr_scheduler="constant", max_steps=10, save_steps=5,
+               eval_steps=5, gradient_checkpointing=False, report_to="none", generation_samples=0,
+               output_dir=str(tmp / "adapters" / "tiny"), run_dir=str(tmp / "runs" / "tiny"))
+    cfg.update(over)
+    return cfg
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a console entry point as a user would, through the venv's Python."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

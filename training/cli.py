@@ -1,0 +1,47 @@
+"""`train CONFIG.yaml [key=value ...]`: the training entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from guardtune.cli_util import run_cli
+from training.config import TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (keys: see `train --keys`)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. method=qlora max_steps=20")
+    p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed data rows instead of failing")
+    p.add_argument("--keys", action="store_true", help="list config keys with defaults and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.keys:
+        for name, field in TrainConfig.model_fields.items():
+            default = "(required)" if field.is_required() else repr(field.default)
+            print(f"{name:24} {default:24} {field.description or ''}")
+        return 0
+    from training.config import load_config
+    from training.trainer import train
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        overrides.insert(0, args.config)  # `train key=value ...` with no file
+        args.config = None
+    if args.skip_bad_rows:
+        overrides.append("skip_bad_rows=true")
+    cfg = load_config(args.config, overrides)
+    train(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(cfg.adapter_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="train", description="Fine-tune a base chat model into a PEFT adapter with a guardtune manifest.")
+    add_arguments(p)
+    return run_cli(lambda: run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training data: read JSONL conversations, tokenise them with label masks, cache the result."""

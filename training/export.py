@@ -1,0 +1,23 @@
+"""`guardtune export ADAPTER --merge OUT`: fold the adapter into its full-precision base."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from guardtune.fsutil import atomic_dir
+from guardtune.manifest import resolve_manifest_base
+from training.adapters import load_adapter
+
+
+def merge(adapter_dir: str | Path, out: str | Path, *, log=print) -> Path:
+    manifest, tokenizer, model = load_adapter(adapter_dir)
+    merged = model.merge_and_unload()
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        base_dir = resolve_manifest_base(manifest)
+        if (base_dir / "generation_config.json").is_file():
+            shutil.copy(base_dir / "generation_config.json", tmp / "generation_config.json")
+    log(f"export: merged {adapter_dir} ({manifest.method} r={manifest.rank}) into {out}")
+    return Path(out)
