@@ -68,7 +68,12 @@ class ChatService:
         params = self._params(req, len(prompt_ids), fmt)
 
         stack = contextlib.AsyncExitStack()
-        await stack.enter_async_context(s.admission.slot())
+        try:
+            await stack.enter_async_context(s.admission.slot())
+        except APIError as exc:
+            s.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code or "rejected", len(prompt_ids), 0,
+                                            time.time() - t0, None))
+            raise
         try:
             if slot is not None:
                 stack.enter_context(s.registry.pin(slot))
@@ -126,7 +131,9 @@ class _Run:
         return Usage(prompt_tokens=p, completion_tokens=self.n_out, total_tokens=p + self.n_out)
 
     def _extra(self):
-        return {"guardrails": self.ctx.report} if self.ctx.report else None
+        # system_fingerprint names the exact adapter load that served the request (task@id).
+        extra = {"system_fingerprint": self.slot.ref.name if self.slot is not None else "base"}
+        return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
 
     def _record(self, status: int) -> None:
         self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
@@ -147,6 +154,7 @@ class _Run:
 
     async def stream(self, stack: contextlib.AsyncExitStack):
         rid, model, created = self.rid, self.req.model, int(self.t0)
+        fp = {"system_fingerprint": self._extra()["system_fingerprint"]}
         status = 200
         try:
             async with stack:
@@ -154,14 +162,14 @@ class _Run:
                 if self.s.pipeline.post:  # enforce: decide on the whole reply before any of it goes out
                     text = await self.s.pipeline.run_post(self.ctx, "".join([t async for t in self._deltas()]))
                     if text:
-                        yield _sse(chunk_body(rid, model, created, delta={"content": text}))
+                        yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                 else:
                     async for piece in self._deltas():
                         if piece:
-                            yield _sse(chunk_body(rid, model, created, delta={"content": piece}))
-                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish))
+                            yield _sse(chunk_body(rid, model, created, delta={"content": piece}, extra=fp))
+                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=fp))
                 if self.req.stream_options and self.req.stream_options.include_usage:
-                    yield _sse(chunk_body(rid, model, created, usage=self.usage()))
+                    yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
                 yield "data: [DONE]\n\n"
         except (TimeoutError, EngineDead) as exc:
             status = 504 if isinstance(exc, TimeoutError) else 503

@@ -22,7 +22,8 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self):
-        if self._sem.locked() and self.waiting >= self.max_queue:
+        # Counted before the first await, so a burst sees its own earlier members.
+        if self.active + self.waiting >= self.capacity + self.max_queue:
             raise APIError(429, "server busy: generation queue is full", code="queue_full",
                            headers={"Retry-After": "1"})
         self.waiting += 1

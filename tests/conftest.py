@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,15 @@ QUESTIONS = [
 ]
 
 
-def tiny_rows() -> list[dict]:
+def tiny_rows(signature: str = SIGNATURE) -> list[dict]:
     """Twelve short chats whose replies all open with the same signature, so a few steps learn it."""
     rows = []
     for i, q in enumerate(QUESTIONS):
-        reply = f"{SIGNATURE} here! Our team answers that on a free call."
+        reply = f"{signature} here! Our team answers that on a free call."
         msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": reply}]
         if i % 3 == 0:  # some multi-turn rows
             msgs += [{"role": "user", "content": "Thanks, anything else?"},
-                     {"role": "assistant", "content": f"{SIGNATURE} here! Ask me any time."}]
+                     {"role": "assistant", "content": f"{signature} here! Ask me any time."}]
         rows.append({"messages": msgs})
     return rows
 
@@ -75,3 +76,76 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
     """Run a console entry point as a user would, through the venv's Python."""
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`guardtune serve` as a real subprocess on loopback, as a user starts it."""
+
+    def __init__(self, config: dict, tmp: Path, *, ready_timeout: float = 300):
+        import httpx
+        import yaml
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg_path = tmp / "serve.yaml"
+        cfg_path.write_text(yaml.safe_dump({**config, "port": self.port}))
+        self.log_path = tmp / "serve.log"
+        self.proc = subprocess.Popen([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
+                                     cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server not ready in {ready_timeout} s:\n{self.log()[-4000:]}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def two_adapters(tmp_path_factory, tiny_data) -> tuple[Path, dict[str, Path]]:
+    """Two real adapters with clearly different trained behaviour, under one adapters root."""
+    from training.config import validate
+    from training.trainer import train
+
+    tmp = tmp_path_factory.mktemp("served")
+    root = tmp / "adapters"
+    out = {}
+    for name, signature in (("kestrel", SIGNATURE), (OTTER_TASK, OTTER)):
+        data = write_jsonl(tmp / f"{name}.jsonl", tiny_rows(signature))
+        cfg = tiny_config(tmp, data, task=name, output_dir=str(root / name), run_dir=str(tmp / "runs" / name),
+                          max_steps=12, eval_split=0.0)
+        out[name] = train(validate(cfg), log=lambda m: None)
+    return root, out
+
+
+OTTER = "Otter Bikes"
+OTTER_TASK = "otter"
