@@ -12,16 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import results_io  # noqa: E402
+
 CHILD = """
 import resource, sys
 from training.cli import main
@@ -74,19 +75,14 @@ def main() -> None:
     for r in results:
         r["s_per_step_vs_lora"] = round(r["s_per_step"] / base["s_per_step"], 2)
         r["peak_rss_vs_lora"] = round(r["peak_rss_gb"] / base["peak_rss_gb"], 2)
-    meta = {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "config": "examples/train_lora.yaml (SmolLM2-135M, batch 4 x max_length 256, r16 all-linear, "
-                      "gradient checkpointing, fp32)", "steps": a.steps}
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    lines = [f"Measured {meta['date']} on {meta['machine']}; {meta['config']}; {a.steps} steps each.", "",
-             "| method | s/step | x LoRA | tokens/s | peak RSS GB | x LoRA | loss first -> last |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['s_per_step']} | {r['s_per_step_vs_lora']} | {r['tokens_per_s']} | "
-              f"{r['peak_rss_gb']} | {r['peak_rss_vs_lora']} | {r['first_loss']} -> {r['last_loss']} |" for r in results]
-    a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    info = results_io.meta(config="examples/train_lora.yaml (SmolLM2-135M, batch 4 x max_length 256, r16 "
+                                  "all-linear, gradient checkpointing, fp32)", steps=a.steps)
+    lines = [f"Measured {info['date']} on {info['machine']}; {info['config']}; {a.steps} steps each.", ""]
+    lines += results_io.table(
+        ["method", "s/step", "x LoRA", "tokens/s", "peak RSS GB", "x LoRA", "loss first -> last"],
+        [[r["method"], r["s_per_step"], r["s_per_step_vs_lora"], r["tokens_per_s"], r["peak_rss_gb"],
+          r["peak_rss_vs_lora"], f"{r['first_loss']} -> {r['last_loss']}"] for r in results])
+    results_io.write(a.out, {"meta": info, "results": results}, lines)
 
 if __name__ == "__main__":
     main()

@@ -116,7 +116,13 @@ def _materialised(alias: str, *, log) -> Path:
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     kw = dict(gguf_file=gguf.name)
     tok = AutoTokenizer.from_pretrained(gguf.parent, **kw)

@@ -143,12 +143,10 @@ class _Run:
         try:
             text = "".join([t async for t in self._deltas()])
             text = await self.s.pipeline.run_post(self.ctx, text)
-        except TimeoutError:
-            self._record(504)
-            raise APIError(504, "generation timed out", code="timeout") from None
-        except EngineDead as exc:
-            self._record(503)
-            raise APIError(503, str(exc), code="engine_dead") from None
+        except Exception as exc:
+            err = _generation_error(exc)
+            self._record(err.status)
+            raise err from None
         self._record(200)
         return completion_body(self.rid, self.req.model, text, self.finish, self.usage(), self._extra())
 
@@ -171,17 +169,24 @@ class _Run:
                 if self.req.stream_options and self.req.stream_options.include_usage:
                     yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
                 yield "data: [DONE]\n\n"
-        except (TimeoutError, EngineDead) as exc:
-            status = 504 if isinstance(exc, TimeoutError) else 503
-            err = APIError(status, "generation timed out" if status == 504 else str(exc),
-                           code="timeout" if status == 504 else "engine_dead")
-            yield _sse(err.body())
-            yield "data: [DONE]\n\n"
         except asyncio.CancelledError:
             status, self.finish = 499, "client_disconnected"
             raise
+        except Exception as exc:  # the headers are gone: the failure travels as an error event
+            err = _generation_error(exc)
+            status = err.status
+            yield _sse(err.body())
+            yield "data: [DONE]\n\n"
         finally:
             self._record(status)
+
+
+def _generation_error(exc: Exception) -> APIError:
+    if isinstance(exc, TimeoutError):
+        return APIError(504, "generation timed out", code="timeout")
+    if isinstance(exc, EngineDead):
+        return APIError(503, str(exc), code="engine_dead")
+    return APIError(500, f"generation failed: {type(exc).__name__}", code="generation_failed")
 
 
 def _sse(obj: dict) -> str:

@@ -6,12 +6,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from guardtune.configfile import explain, read_mapping
 from guardtune.errors import GuardtuneError
-from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
 from guardtune.models import DEFAULT_BASE_MODEL
+from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
 
 
 class Limits(BaseModel):
@@ -62,20 +62,10 @@ class ServeConfig(BaseModel):
 def load_serve_config(path: str | Path | None, **overrides) -> ServeConfig:
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise GuardtuneError(f"serve config {path}: no such file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise GuardtuneError(f"serve config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise GuardtuneError(f"serve config {path}: top level must be a mapping")
+        raw = read_mapping(path, "serve config")
     raw.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as exc:
-        e = exc.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"])
-        msg = f"unknown key '{loc}'" if e["type"] == "extra_forbidden" else f"'{loc}': {e['msg']}"
+        msg = explain(exc.errors()[0], ServeConfig.model_fields)
         raise GuardtuneError(f"serve config {path or '(defaults)'}: {msg}") from None

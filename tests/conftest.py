@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,56 +77,17 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600, env: dict | None =
                           env={**os.environ, **(env or {})})
 
 
-def free_port() -> int:
-    import socket
+def Server(config: dict, tmp: Path, *, ready_timeout: float = 300):
+    from serving.launcher import ServerProcess
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ServerProcess(config, tmp, ready_timeout=ready_timeout)
 
 
-class Server:
-    """`guardtune serve` as a real subprocess on loopback, as a user starts it."""
-
-    def __init__(self, config: dict, tmp: Path, *, ready_timeout: float = 300):
-        import httpx
-        import yaml
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cfg_path = tmp / "serve.yaml"
-        cfg_path.write_text(yaml.safe_dump({**config, "port": self.port}))
-        self.log_path = tmp / "serve.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
-                                     cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-        deadline = time.time() + ready_timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready in {ready_timeout} s:\n{self.log()[-4000:]}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> int:
-        import signal
-
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        return self.proc.returncode
+def sales_server(two_adapters, tmp: Path, **config):
+    """A server whose task `sales` runs the kestrel adapter, its state file in `tmp`."""
+    root, adapters = two_adapters
+    return Server({"adapters_root": str(root), "tasks": {"sales": str(adapters["kestrel"])},
+                   "state_file": str(tmp / "state.json"), **config}, tmp)
 
 
 @pytest.fixture(scope="session")

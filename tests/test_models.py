@@ -7,8 +7,8 @@ import json
 import pytest
 
 from guardtune.errors import GuardtuneError
-from tests.conftest import run_cli
 from guardtune.models import resolve_base_model, weights_sha256
+from tests.conftest import run_cli
 
 
 def test_materialised_dir_is_a_standard_hf_model(base_dir, tokenizer):

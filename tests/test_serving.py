@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import OTTER, OTTER_TASK, SIGNATURE, Server, run_cli
+from tests.conftest import OTTER, OTTER_TASK, SIGNATURE, run_cli, sales_server
 
 USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
 Q = [{"role": "user", "content": "Can you tell me about your company?"}]
@@ -19,13 +18,10 @@ Q = [{"role": "user", "content": "Can you tell me about your company?"}]
 
 @pytest.fixture(scope="module")
 def server(two_adapters, tmp_path_factory):
-    root, adapters = two_adapters
     tmp = tmp_path_factory.mktemp("serve")
-    srv = Server({"engine": "vllm", "adapters_root": str(root), "tasks": {"sales": str(adapters["kestrel"])},
-                  "state_file": str(tmp / "state.json"), "api_keys": [USER_KEY], "admin_key": ADMIN_KEY,
-                  "max_model_len": 512, "max_lora_rank": 16, "kv_cache_gb": 1,
-                  "limits": {"max_concurrency": 4, "max_queue": 4, "max_tokens_cap": 64, "max_body_bytes": 65536}},
-                 tmp)
+    srv = sales_server(two_adapters, tmp, engine="vllm", api_keys=[USER_KEY], admin_key=ADMIN_KEY,
+                       max_model_len=512, max_lora_rank=16, kv_cache_gb=1,
+                       limits={"max_concurrency": 4, "max_queue": 4, "max_tokens_cap": 64, "max_body_bytes": 65536})
     srv.state_file = tmp / "state.json"
     yield srv
     srv.stop()

@@ -134,8 +134,8 @@ def test_other_methods_train_and_publish(method, tmp_path, tiny_data):
 
 
 def test_qlora_base_is_4bit(tmp_path, tiny_data):
-    from training import peft_setup
     from guardtune.models import resolve_base_model
+    from training import peft_setup
 
     cfg = validate(tiny_config(tmp_path, tiny_data, method="qlora"))
     model = peft_setup.load_base(cfg, resolve_base_model(cfg.base_model))

@@ -6,7 +6,6 @@ base) into a one-line error that says what to change.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -15,9 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from guardtune.configfile import explain, read_mapping
 from guardtune.errors import GuardtuneError
-from guardtune.paths import DEFAULT_ADAPTERS_DIR, DEFAULT_RUNS_DIR
 from guardtune.models import DEFAULT_BASE_MODEL
+from guardtune.paths import DEFAULT_ADAPTERS_DIR, DEFAULT_RUNS_DIR
 
 Method = Literal["lora", "qlora", "dora"]
 
@@ -135,14 +135,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     base = Path(".")
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise GuardtuneError(f"config {path}: no such file")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise GuardtuneError(f"config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(raw, dict):
-            raise GuardtuneError(f"config {path}: top level must be a mapping of keys to values")
+        raw = read_mapping(path, "config")
         base = path.parent
     # Data paths in a config file are relative to that file, so configs travel with their data;
     # paths given as overrides are relative to the working directory, as on any command line.
@@ -157,16 +150,4 @@ def validate(raw: dict[str, Any], source: str = "config") -> TrainConfig:
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise GuardtuneError(f"{source}: {_explain(exc.errors()[0])}") from None
-
-
-def _explain(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, TrainConfig.model_fields, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"unknown key '{loc}'{hint}"
-    if err["type"] == "missing":
-        return f"missing required key '{loc}'"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"'{loc}': {msg}" if loc else msg
+        raise GuardtuneError(f"{source}: {explain(exc.errors()[0], TrainConfig.model_fields)}") from None

@@ -15,8 +15,8 @@ from pathlib import Path
 from guardtune.errors import GuardtuneError
 from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
-from training.config import TrainConfig
 from guardtune.models import resolve_base_model, weights_sha256
+from training.config import TrainConfig
 
 RUN_STATE = "guardtune_run.json"
 
@@ -65,7 +65,13 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, log) -> Path | None:
 
 def train(cfg: TrainConfig, *, log=print) -> Path:
     import torch
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import (
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     from transformers.trainer_callback import ProgressCallback
 
     from training import peft_setup
