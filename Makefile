@@ -13,10 +13,12 @@ demo: install
 	@bash scripts/demo.sh
 
 test: install
+	@bash scripts/install_browser.sh
 	$(PY) -m pytest
 
 bench: install
 	$(PY) bench/train_bench.py
+	$(PY) bench/serve_bench.py
 
 clean:
 	rm -rf runs adapters .pytest_cache

@@ -18,7 +18,7 @@ from serving.auth import require_admin, require_user
 from serving.config import ServeConfig
 from serving.errors import APIError, install_handlers
 from serving.limits import Admission, RateLimiter
-from serving.metrics import ServeMetrics
+from serving.metrics import RequestRecord, ServeMetrics
 from serving.pipeline import Pipeline
 from serving.protocol import ChatCompletionRequest
 from serving.registry import AdapterRejected, TaskRegistry
@@ -86,7 +86,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
     state = ServerState(cfg=cfg, engine=engine, pipeline=pipeline or Pipeline())
     user_keys, admin_key = cfg.keys()
     state.admission = Admission(cfg.limits.max_concurrency, cfg.limits.max_queue, cfg.limits.queue_timeout_s,
-                                gauge=state.metrics.queue_depth)
+                                gauge=state.metrics.queue_depth, running_gauge=state.metrics.running)
     state.limiter = RateLimiter(cfg.limits.rate_limit_per_min)
 
     @contextlib.asynccontextmanager
@@ -148,7 +148,13 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         who = require_user(request, user_keys)
-        state.limiter.check(who)
+        try:
+            state.limiter.check(who)
+        except APIError as exc:
+            known = state.registry is not None and body.model in state.registry.tasks
+            label = body.model if known else "base" if body.model in (cfg.base_model, "base") else "unknown"
+            state.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
+            raise
         return await chat.handle(body)
 
     @app.get("/admin/tasks")

@@ -23,7 +23,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, config: dict, workdir: Path, *, ready_timeout: float = 300, port: int | None = None):
+    def __init__(self, config: dict, workdir: Path, *, ready_timeout: float = 300, port: int | None = None,
+                 env: dict[str, str] | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,8 @@ class ServerProcess:
         self.log_path = workdir / "serve.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
                                      cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+                                     env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -13,12 +13,12 @@ from serving.errors import APIError
 class Admission:
     """At most `running` requests generate; at most `queue` more wait; the rest are refused at once."""
 
-    def __init__(self, running: int, queue: int, timeout_s: float, gauge=None):
+    def __init__(self, running: int, queue: int, timeout_s: float, gauge=None, running_gauge=None):
         self._sem = asyncio.Semaphore(running)
         self.capacity, self.max_queue, self.timeout_s = running, queue, timeout_s
         self.waiting = 0
         self.active = 0
-        self._gauge = gauge
+        self._gauge, self._running_gauge = gauge, running_gauge
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -37,15 +37,19 @@ class Admission:
             self.waiting -= 1
             self._set_gauge()
         self.active += 1
+        self._set_gauge()
         try:
             yield
         finally:
             self.active -= 1
+            self._set_gauge()
             self._sem.release()
 
     def _set_gauge(self):
         if self._gauge is not None:
             self._gauge.set(self.waiting)
+        if self._running_gauge is not None:
+            self._running_gauge.set(self.active)
 
 
 class RateLimiter:

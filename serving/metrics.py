@@ -47,8 +47,8 @@ class ServeMetrics:
         self.output_tokens = hist("guardtune_output_tokens", "Output tokens per request", TOKEN_BUCKETS)
         self.by_length = hist("guardtune_latency_by_output_length_seconds", "E2E latency by output-length bucket",
                               LATENCY_BUCKETS, labels=("task", "output_bucket"))
-        self.requests = Counter("guardtune_requests_total", "Requests by status and finish reason",
-                                ("task", "status", "finish_reason"), registry=registry)
+        self.requests = Counter("guardtune_requests_total", "Requests by status, finish reason and guardrail outcome",
+                                ("task", "status", "finish_reason", "guardrail"), registry=registry)
         self.queue_depth = Gauge("guardtune_queue_depth", "Requests waiting for a generation slot", registry=registry)
         self.running = Gauge("guardtune_requests_running", "Requests generating now", registry=registry)
         self.swaps = Counter("guardtune_adapter_swaps_total", "Adapter loads and swaps per task", ("task",),
@@ -58,7 +58,7 @@ class ServeMetrics:
 
     def observe(self, rec: RequestRecord) -> None:
         t = rec.task
-        self.requests.labels(t, str(rec.status), rec.finish_reason).inc()
+        self.requests.labels(t, str(rec.status), rec.finish_reason, rec.guardrail).inc()
         if rec.status == 200:
             self.e2e.labels(t).observe(rec.e2e_s)
             self.prompt_tokens.labels(t).observe(rec.prompt_tokens)
