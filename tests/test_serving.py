@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 
 import httpx
@@ -153,6 +154,17 @@ def test_adapter_validation_keeps_old_adapter(server, two_adapters, tmp_path):
     half.mkdir()
     (half / "guardtune.json").write_text('{"task": "x"}')
     cases.append((str(half), 400, "invalid manifest"))
+    for name, change, needle in (("otherbase", {"sha256": "0" * 64}, "trained on another base"),
+                                 ("toowide", {"rank": 999}, "rank 999 > max_lora_rank 16")):
+        copy = root / name
+        shutil.copytree(adapters["kestrel"], copy)
+        manifest = json.loads((copy / "guardtune.json").read_text())
+        if "sha256" in change:
+            manifest["base_model"]["sha256"] = change["sha256"]
+        else:
+            manifest.update(change)
+        (copy / "guardtune.json").write_text(json.dumps(manifest))
+        cases.append((str(copy), 409, needle))
     try:
         for path, status, needle in cases:
             r = admin(server, "PUT", "/admin/tasks/sales", json={"adapter": path})
