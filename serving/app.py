@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,8 +83,23 @@ async def start_state(state: ServerState) -> None:
     state.ready = True
 
 
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    input: str | list[str] = Field(min_length=1)
+    model: str | None = None
+
+
+def default_pipeline(cfg: ServeConfig) -> Pipeline:
+    if cfg.guardrails is None:
+        return Pipeline()
+    from guardrails.moderation import Moderator
+    from serving.stages import ModerationStage
+
+    return Pipeline(pre=[ModerationStage(Moderator(cfg.guardrails.moderation), cfg.guardrails.tasks)])
+
+
 def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = None) -> FastAPI:
-    state = ServerState(cfg=cfg, engine=engine, pipeline=pipeline or Pipeline())
+    state = ServerState(cfg=cfg, engine=engine, pipeline=pipeline or default_pipeline(cfg))
     user_keys, admin_key = cfg.keys()
     state.admission = Admission(cfg.limits.max_concurrency, cfg.limits.max_queue, cfg.limits.queue_timeout_s,
                                 gauge=state.metrics.queue_depth, running_gauge=state.metrics.running)
@@ -156,6 +172,23 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             state.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
             raise
         return await chat.handle(body)
+
+    moderator = None
+
+    @app.post("/v1/moderations")
+    async def moderations(body: ModerationRequest, request: Request):
+        nonlocal moderator
+        require_user(request, user_keys)
+        if moderator is None:
+            from guardrails.moderation import Moderator
+
+            moderator = Moderator(cfg.guardrails.moderation if cfg.guardrails else None)
+        texts = [body.input] if isinstance(body.input, str) else body.input
+        if len(texts) > 32 or any(not t for t in texts):
+            raise APIError(400, "input: 1 to 32 non-empty strings", param="input")
+        results = [await asyncio.to_thread(moderator.openai_result, t) for t in texts]
+        return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
+                "results": results}
 
     @app.get("/admin/tasks")
     async def list_tasks(request: Request):

@@ -117,6 +117,7 @@ class _Run:
 
     async def _deltas(self):
         adapter = self.slot.ref if self.slot is not None else None
+        self.s.metrics.engine_requests.labels(self.label).inc()
         async with asyncio.timeout(self.s.cfg.limits.request_timeout_s):
             async for d in self.s.engine.generate(self.rid, self.prompt_ids, self.params, adapter):
                 if self.ttft is None and (d.text or d.completion_tokens):
@@ -136,8 +137,10 @@ class _Run:
         return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
 
     def _record(self, status: int) -> None:
+        redacted = bool(self.ctx.report.get("input", {}).get("redacted"))
         self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
-                                             self.n_out, time.time() - self.t0, self.ttft))
+                                             self.n_out, time.time() - self.t0, self.ttft,
+                                             guardrail="redacted" if redacted else "none"))
 
     async def complete(self) -> dict:
         try:

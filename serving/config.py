@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from guardrails.moderation import ModerationConfig
 from guardtune.configfile import explain, read_mapping
 from guardtune.errors import GuardtuneError
 from guardtune.models import DEFAULT_BASE_MODEL
@@ -23,6 +24,12 @@ class Limits(BaseModel):
     queue_timeout_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     rate_limit_per_min: int = Field(0, ge=0, description="per API key; 0 = off")
+
+
+class GuardrailsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[str] = Field(default_factory=lambda: ["*"], description="guarded tasks; '*' is every task and the base")
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
 
 
 class ServeConfig(BaseModel):
@@ -42,6 +49,7 @@ class ServeConfig(BaseModel):
     admin_key: str | None = Field(None, description="also GUARDTUNE_ADMIN_KEY; admin routes are refused without one")
     protect_ops: bool = Field(False, description="require an API key for /metrics")
     limits: Limits = Field(default_factory=Limits)
+    guardrails: GuardrailsConfig | None = None
 
     def resolved_state_file(self) -> Path:
         return self.state_file or self.adapters_root / ".serve-state.json"

@@ -49,6 +49,8 @@ class ServeMetrics:
                               LATENCY_BUCKETS, labels=("task", "output_bucket"))
         self.requests = Counter("guardtune_requests_total", "Requests by status, finish reason and guardrail outcome",
                                 ("task", "status", "finish_reason", "guardrail"), registry=registry)
+        self.engine_requests = Counter("guardtune_engine_requests_total", "Requests handed to the engine", ("task",),
+                                       registry=registry)
         self.queue_depth = Gauge("guardtune_queue_depth", "Requests waiting for a generation slot", registry=registry)
         self.running = Gauge("guardtune_requests_running", "Requests generating now", registry=registry)
         self.swaps = Counter("guardtune_adapter_swaps_total", "Adapter loads and swaps per task", ("task",),
@@ -59,7 +61,7 @@ class ServeMetrics:
     def observe(self, rec: RequestRecord) -> None:
         t = rec.task
         self.requests.labels(t, str(rec.status), rec.finish_reason, rec.guardrail).inc()
-        if rec.status == 200:
+        if rec.status == 200 and rec.guardrail != "blocked":  # a blocked request never ran the model
             self.e2e.labels(t).observe(rec.e2e_s)
             self.prompt_tokens.labels(t).observe(rec.prompt_tokens)
             self.output_tokens.labels(t).observe(rec.output_tokens)

@@ -1,0 +1,1 @@
+"""Input scanners: one small interface each, `scan(text) -> Verdict`."""

@@ -1,0 +1,21 @@
+"""The scanner contract: text in; verdict, score, reason and possibly sanitised text out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Verdict:
+    scanner: str
+    text: str  # the (possibly sanitised) text for the next scanner and the model
+    valid: bool  # False: block the request
+    score: float  # 0 = clean, 1 = certain violation
+    reason: str = ""
+
+
+class Scanner(Protocol):
+    name: str
+
+    def scan(self, text: str) -> Verdict: ...
