@@ -31,6 +31,7 @@ def _base(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from guardrails import scripts_cli
     from serving import cli as serving_cli
     from training import cli as train_cli
 
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("adapters", help="list, swap or remove a running server's task adapters")
     serving_cli.add_adapters_arguments(a)
     a.set_defaults(fn=serving_cli.adapters)
+
+    scripts_cli.add_arguments(sub)
 
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")

@@ -90,12 +90,19 @@ class ModerationRequest(BaseModel):
 
 
 def default_pipeline(cfg: ServeConfig) -> Pipeline:
-    if cfg.guardrails is None:
+    g = cfg.guardrails
+    if g is None:
         return Pipeline()
     from guardrails.moderation import Moderator
-    from serving.stages import ModerationStage
+    from serving.stages import ComplianceStage, ModerationStage
 
-    return Pipeline(pre=[ModerationStage(Moderator(cfg.guardrails.moderation), cfg.guardrails.tasks)])
+    moderator = Moderator(g.moderation)
+    pipeline = Pipeline(pre=[ModerationStage(moderator, g.tasks)])
+    if g.compliance is not None:
+        # The raw reply is scanned for leaks and banned topics with the input's own scanners.
+        output_scanners = [s for s in moderator.scanners if s.name in ("pii", "banned_topics")]
+        pipeline.post.append(ComplianceStage(g.compliance, g.tasks, output_scanners))
+    return pipeline
 
 
 def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = None) -> FastAPI:
@@ -189,6 +196,17 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         results = [await asyncio.to_thread(moderator.openai_result, t) for t in texts]
         return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
                 "results": results}
+
+    @app.post("/admin/scripts/reload")
+    async def reload_scripts(request: Request):
+        require_admin(request, admin_key)
+        stage = next((s for s in state.pipeline.post if s.name == "compliance"), None)
+        if stage is None:
+            raise APIError(404, "no compliance stage is configured", code="not_configured")
+        try:
+            return await asyncio.to_thread(stage.reload)
+        except GuardtuneError as exc:
+            raise APIError(400, str(exc), code="store_rejected") from None
 
     @app.get("/admin/tasks")
     async def list_tasks(request: Request):

@@ -137,10 +137,9 @@ class _Run:
         return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
 
     def _record(self, status: int) -> None:
-        redacted = bool(self.ctx.report.get("input", {}).get("redacted"))
         self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
                                              self.n_out, time.time() - self.t0, self.ttft,
-                                             guardrail="redacted" if redacted else "none"))
+                                             guardrail=guardrail_outcome(self.ctx.report)))
 
     async def complete(self) -> dict:
         try:
@@ -160,15 +159,19 @@ class _Run:
         try:
             async with stack:
                 yield _sse(chunk_body(rid, model, created, delta={"role": "assistant", "content": ""}, extra=self._extra()))
-                if self.s.pipeline.post:  # enforce: decide on the whole reply before any of it goes out
+                if self.s.pipeline.buffers(self.label):  # enforce: decide on the whole reply first
                     text = await self.s.pipeline.run_post(self.ctx, "".join([t async for t in self._deltas()]))
                     if text:
                         yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                 else:
+                    pieces = []
                     async for piece in self._deltas():
                         if piece:
+                            pieces.append(piece)
                             yield _sse(chunk_body(rid, model, created, delta={"content": piece}, extra=fp))
-                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=fp))
+                    if self.s.pipeline.post:  # monitor: decisions are recorded, the raw reply stands
+                        await self.s.pipeline.run_post(self.ctx, "".join(pieces))
+                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=self._extra()))
                 if self.req.stream_options and self.req.stream_options.include_usage:
                     yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
                 yield "data: [DONE]\n\n"
@@ -182,6 +185,14 @@ class _Run:
             yield "data: [DONE]\n\n"
         finally:
             self._record(status)
+
+
+def guardrail_outcome(report: dict) -> str:
+    """A bounded label: none, redacted, script, fallback, monitor_script, monitor_fallback."""
+    out = report.get("output")
+    if out:
+        return out["outcome"] if out["mode"] == "enforce" else f"monitor_{out['outcome']}"
+    return "redacted" if report.get("input", {}).get("redacted") else "none"
 
 
 def _generation_error(exc: Exception) -> APIError:

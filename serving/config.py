@@ -26,10 +26,27 @@ class Limits(BaseModel):
     rate_limit_per_min: int = Field(0, ge=0, description="per API key; 0 = off")
 
 
+class TaskCompliance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["enforce", "monitor", "off"] = "enforce"
+    threshold: float = Field(0.6, gt=0, le=1)
+
+
+class ComplianceConfig(TaskCompliance):
+    store: Path = Field(description="built by `guardtune scripts build LIBRARY --out STORE`")
+    library: Path | None = Field(None, description="built into `store` at start-up when the store is missing")
+    per_task: dict[str, TaskCompliance] = Field(default_factory=dict)
+    sessions_db: Path = Path("state/sessions.db")
+
+    def for_task(self, task: str) -> TaskCompliance:
+        return self.per_task.get(task, TaskCompliance(mode=self.mode, threshold=self.threshold))
+
+
 class GuardrailsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[str] = Field(default_factory=lambda: ["*"], description="guarded tasks; '*' is every task and the base")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    compliance: ComplianceConfig | None = None
 
 
 class ServeConfig(BaseModel):

@@ -3,8 +3,9 @@
 Guardrails and RAG plug in here (issue #4) as stages; serving itself knows no policy.
 - A pre-stage sees the request context before the model. It may rewrite the messages (redaction,
   retrieved context) or intercept the request with a reply of its own (a refusal).
-- A post-stage sees the full generated text and returns the text to send. When any post-stage is
-  active, streamed replies are buffered, decided, then streamed.
+- A post-stage sees the full generated text and returns the text to send. When a post-stage
+  buffers for the task (enforce), streamed replies are buffered, decided, then streamed;
+  otherwise (monitor) the raw reply streams and the stage only records its decision.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class PreStage(Protocol):
 class PostStage(Protocol):
     name: str
 
+    def buffers(self, task: str) -> bool: ...  # True: the client sees only what after() returns
     async def after(self, ctx: ChatContext, text: str) -> str: ...
 
 
@@ -51,6 +53,9 @@ class Pipeline:
             if (hit := await stage.before(ctx)) is not None:
                 return hit
         return None
+
+    def buffers(self, task: str) -> bool:
+        return any(stage.buffers(task) for stage in self.post)
 
     async def run_post(self, ctx: ChatContext, text: str) -> str:
         for stage in self.post:

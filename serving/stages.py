@@ -39,3 +39,56 @@ class ModerationStage:
         ctx.report["input"] = {"blocked_by": None, "redacted": [v["reason"] for v in redacted],
                                "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
         return None
+
+
+class ComplianceStage:
+    """Approved-script matching after the model: enforce replaces the reply, monitor only records."""
+
+    name = "compliance"
+
+    def __init__(self, cfg, tasks: list[str], output_scanners=None):
+        from guardrails.compliance import Compliance
+        from guardrails.sessions import SQLiteSessions
+
+        self.cfg, self.tasks = cfg, set(tasks)
+        self.compliance = Compliance(self._load_store(), output_scanners=output_scanners)
+        self.sessions = SQLiteSessions(cfg.sessions_db)
+
+    def _load_store(self):
+        from guardrails.scripts import ScriptStore, build_store
+
+        if not (self.cfg.store / "meta.json").is_file() and self.cfg.library is not None:
+            build_store(self.cfg.library, self.cfg.store, log=lambda m: None)
+        return ScriptStore.load(self.cfg.store)
+
+    def reload(self) -> dict:
+        """Load the store again from disk; a bad store raises and the old one keeps serving."""
+        store = self._load_store()
+        self.compliance.store = store
+        return {"version": store.version, "scripts": len(store.scripts), "path": str(store.path)}
+
+    def _mode(self, task: str):
+        if "*" not in self.tasks and task not in self.tasks:
+            return None
+        t = self.cfg.for_task(task)
+        return None if t.mode == "off" else t
+
+    def buffers(self, task: str) -> bool:
+        t = self._mode(task)
+        return t is not None and t.mode == "enforce"
+
+    async def after(self, ctx: ChatContext, text: str) -> str:
+        t = self._mode(ctx.task)
+        if t is None:
+            return text
+        stage = ctx.dialogue_stage
+        if stage is None:
+            previous = self.sessions.get_stage(ctx.session_id) if ctx.session_id else None
+            last_user = next((m["content"] for m in reversed(ctx.messages) if m["role"] == "user"), "")
+            stage = await asyncio.to_thread(self.compliance.infer_stage, last_user, previous)
+        if ctx.session_id and stage:
+            self.sessions.set_stage(ctx.session_id, stage)
+        decision = await asyncio.to_thread(self.compliance.decide, text, stage=stage, session_id=ctx.session_id,
+                                           threshold=t.threshold)
+        ctx.report["output"] = {"mode": t.mode, "raw": text, **decision.report()}
+        return decision.sent if t.mode == "enforce" else text

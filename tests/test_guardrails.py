@@ -13,9 +13,10 @@ from guardrails.scanners.injection import Injection
 from guardrails.scanners.normalise import Normalise
 from guardrails.scanners.pii import PII, cn_id_ok, luhn_ok
 from guardrails.scanners.topics import BannedTopics
-from tests.conftest import ROOT, sales_server
+from tests.conftest import OTTER_TASK, ROOT, sales_server
 
 EVAL = ROOT / "guardrails" / "data" / "moderation_eval.jsonl"
+LIBRARY = ROOT / "examples" / "guardrails" / "scripts.yaml"
 TOPICS = {"politics": ["Who should I vote for in the election?", "What do you think of the president's party?"],
           "medical": ["Can you diagnose my chest pain?", "Which medicine should I take for my fever?"]}
 
@@ -88,11 +89,18 @@ def test_moderator_fails_fast_and_passes_sanitised_text_on():
 
 @pytest.fixture(scope="module")
 def guarded(two_adapters, tmp_path_factory):
-    srv = sales_server(two_adapters, tmp_path_factory.mktemp("guarded"), engine="transformers",
-                       guardrails={"tasks": ["sales"], "moderation": {
+    tmp = tmp_path_factory.mktemp("guarded")
+    _, adapters = two_adapters
+    srv = sales_server(two_adapters, tmp, engine="transformers",
+                       tasks={"sales": str(adapters["kestrel"]), OTTER_TASK: str(adapters[OTTER_TASK])},
+                       guardrails={"tasks": ["sales", OTTER_TASK], "moderation": {
                            "pii": "redact", "banned_topics": TOPICS,
-                           "refusals": {"prompt_injection": "I can only help with Kestrel Home Solar questions."}}},
+                           "refusals": {"prompt_injection": "I can only help with Kestrel Home Solar questions."}},
+                           "compliance": {"store": str(tmp / "store"), "library": str(LIBRARY),
+                                          "sessions_db": str(tmp / "sessions.db"), "threshold": 0.01,
+                                          "per_task": {OTTER_TASK: {"mode": "enforce", "threshold": 0.99}}}},
                        limits={"max_tokens_cap": 24})
+    srv.store = tmp / "store"
     yield srv
     srv.stop()
 
@@ -142,3 +150,53 @@ def test_moderations_endpoint_works_from_the_openai_client(guarded):
     assert clean.model_dump()["category_scores"]["prompt_injection"] < 0.62
     bad = httpx.post(f"{guarded.url}/v1/moderations", json={"input": []})
     assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_enforced_replies_are_approved_scripts_or_stage_fallbacks(guarded):
+    from guardrails.scripts import load_library
+
+    lib = load_library(LIBRARY)
+    scripts = {x.id: x.text for x in lib.scripts}
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="none", max_retries=0)
+    q = [{"role": "user", "content": "How much does the battery cost?"}]
+    r = client.chat.completions.create(model="sales", messages=q, max_tokens=20, temperature=0,
+                                       metadata={"session_id": "s-1", "dialogue_stage": "pricing"})
+    out = r.model_dump()["guardrails"]["output"]
+    assert out["outcome"] == "script" and r.choices[0].message.content == scripts[out["script_id"]]
+    assert out["raw"] and out["raw"] != r.choices[0].message.content  # the model's words never went out
+
+    replies = set()
+    for stream in (False, True, False):
+        kw = dict(model=OTTER_TASK, messages=q, max_tokens=20, temperature=0,
+                  metadata={"session_id": "s-2", "dialogue_stage": "pricing"})
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **kw)
+                           if c.choices)
+        else:
+            text = client.chat.completions.create(**kw).choices[0].message.content
+        replies.add(text)
+    assert len(replies) == 1 and replies.pop() in lib.fallbacks["pricing"]  # sticky variant, streamed or not
+
+
+def test_script_store_reloads_without_restart(guarded, tmp_path):
+    import yaml
+
+    from guardrails.scripts import build_store
+
+    lib = yaml.safe_load(LIBRARY.read_text())
+    lib["version"] = 2
+    lib["scripts"].append({"id": "new-hours", "stage": "*", "intent": "hours",
+                           "text": "Kestrel Home Solar answers chats every day from 8 am to 8 pm."})
+    new_lib = tmp_path / "lib.yaml"
+    new_lib.write_text(yaml.safe_dump(lib))
+    same = httpx.post(f"{guarded.url}/admin/scripts/reload")
+    assert same.status_code == 200 and same.json()["version"] == "1"
+    build_store(new_lib, guarded.store, log=lambda m: None)
+    ok = httpx.post(f"{guarded.url}/admin/scripts/reload").json()
+    assert ok["version"] == "2" and ok["scripts"] == len(lib["scripts"])
+    (guarded.store / "scripts.faiss").write_bytes(b"garbage")
+    refused = httpx.post(f"{guarded.url}/admin/scripts/reload")
+    assert refused.status_code == 400 and "corrupt" in refused.json()["error"]["message"]
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(model="sales", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+    assert r.model_dump()["guardrails"]["output"]["outcome"] == "script"  # the old store still serves

@@ -1,0 +1,251 @@
+"""The audit store: exactly one record per guarded chat request, keyed by request id.
+
+SQLite in WAL mode with synchronous=FULL, so a record that `write()` has returned for is on disk
+and survives a `kill -9` of the server right after. Filterable fields live in indexed columns; the
+whole record is kept as JSON next to them.
+
+A record, as serving writes it (every key but request_id is optional; what is given is stored):
+
+    {"request_id": "chatcmpl-...",        # required, the primary key
+     "ts": 1717000000.0,                  # unix seconds; filled with now when missing
+     "task": "sales",                     # task name (or the base model id)
+     "session_id": "abc" | None,
+     "stage": "greeting" | None,          # dialogue stage
+     "outcome": "passed",                 # passed | blocked | redacted | script | fallback | monitor
+     "blocked_by": "injection" | None,    # optional; else taken from input.blocked_by
+     "input": {"blocked_by": ..., "verdicts": [...], "latency_ms": ...},   # moderation report
+     "retrieved": ["doc-1#3", ...],       # chunk ids given to the model
+     "prompt": [{"role": ..., "content": ...}, ...],   # the messages the model saw
+     "raw_generation": "..." | None,      # what the model wrote; None when blocked before it
+     "sent": "...",                       # what the client got
+     "script": {"id": ..., "score": ...} | None,
+     "fallback": {"stage": ..., "variant": ...} | None,
+     "latency_ms": {"input": .., "retrieval": .., "generation": .., "compliance": .., "total": ..}}
+
+`export_badcases` turns fallback/blocked records into a preference dataset in TRL's
+conversational form (prompt messages, chosen = the sent reply, rejected = the raw generation).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from guardtune.errors import GuardtuneError
+
+DEFAULT_DB = Path("audit/audit.db")
+OUTCOMES = ("passed", "blocked", "redacted", "script", "fallback", "monitor")
+CHAT_ROLES = ("system", "user", "assistant")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit (
+    request_id TEXT PRIMARY KEY,
+    ts         REAL NOT NULL,
+    task       TEXT,
+    session_id TEXT,
+    stage      TEXT,
+    outcome    TEXT,
+    blocked_by TEXT,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
+CREATE INDEX IF NOT EXISTS audit_task_ts ON audit (task, ts);
+CREATE INDEX IF NOT EXISTS audit_outcome_ts ON audit (outcome, ts);
+CREATE INDEX IF NOT EXISTS audit_session_ts ON audit (session_id, ts);
+"""
+
+
+class AuditStore:
+    """Thread-safe: one connection behind a lock (SQLite serialises writers anyway; records are small)."""
+
+    def __init__(self, path: str | Path = DEFAULT_DB):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit, so each write is its own durable transaction.
+            self._conn: sqlite3.Connection | None = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise GuardtuneError(f"audit db {self.path}: {exc}") from None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Store one record; a second write with the same request_id replaces it (retries are idempotent)."""
+        rid = record.get("request_id") if isinstance(record, dict) else None
+        if not isinstance(rid, str) or not rid:
+            raise GuardtuneError("audit record needs a non-empty string 'request_id'")
+        record = dict(record)
+        record.setdefault("ts", time.time())
+        try:
+            blob = json.dumps(record, ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise GuardtuneError(f"audit record {rid}: not JSON-serialisable ({exc})") from None
+        blocked_by = record.get("blocked_by")
+        if blocked_by is None and isinstance(record.get("input"), dict):
+            blocked_by = record["input"].get("blocked_by")
+        row = (rid, float(record["ts"]), _text(record.get("task")), _text(record.get("session_id")),
+               _text(record.get("stage")), _text(record.get("outcome")), _text(blocked_by), blob)
+        with self._lock:
+            self._db().execute("INSERT OR REPLACE INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+    def get(self, request_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._db().execute("SELECT record FROM audit WHERE request_id = ?", (request_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def query(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
+              session_id: str | None = None, since: float | None = None,
+              limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """Records matching every given filter, newest first. `outcome` may be one value or several."""
+        where, params = _where(task, outcome, session_id, since)
+        sql = f"SELECT record FROM audit{where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?"
+        with self._lock:
+            rows = self._db().execute(sql, (*params, int(limit), int(offset))).fetchall()
+        return [json.loads(r[0]) for r in rows]
+
+    def count(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
+              session_id: str | None = None, since: float | None = None) -> int:
+        where, params = _where(task, outcome, session_id, since)
+        with self._lock:
+            return self._db().execute(f"SELECT COUNT(*) FROM audit{where}", params).fetchone()[0]
+
+    def iter_records(self, *, outcome: str | Iterable[str] | None = None, since: float | None = None,
+                     page: int = 500) -> Iterator[dict[str, Any]]:
+        """All matching records oldest first, a page at a time (keyset paging, so writes meanwhile are safe)."""
+        where, params = _where(None, outcome, None, since)
+        key: tuple[float, str] = (float("-inf"), "")
+        while True:
+            cond = f"{where} AND" if where else " WHERE"
+            sql = (f"SELECT ts, request_id, record FROM audit{cond} (ts, request_id) > (?, ?) "
+                   "ORDER BY ts, request_id LIMIT ?")
+            with self._lock:
+                rows = self._db().execute(sql, (*params, *key, page)).fetchall()
+            for ts, rid, blob in rows:
+                yield json.loads(blob)
+            if len(rows) < page:
+                return
+            key = (rows[-1][0], rows[-1][1])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> AuditStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise GuardtuneError(f"audit db {self.path}: store is closed")
+        return self._conn
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _where(task: str | None, outcome: str | Iterable[str] | None, session_id: str | None,
+           since: float | None) -> tuple[str, list[Any]]:
+    clauses, params = [], []
+    for column, value in (("task", task), ("session_id", session_id)):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if outcome is not None:
+        values = [outcome] if isinstance(outcome, str) else list(outcome)
+        clauses.append(f"outcome IN ({', '.join('?' * len(values))})")
+        params += values
+    if since is not None:
+        clauses.append("ts >= ?")
+        params.append(float(since))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+# --- bad cases -> preference data ---------------------------------------------------------------
+
+def export_badcases(store: AuditStore, out_path: str | Path, *,
+                    outcomes: Iterable[str] = ("fallback", "blocked"), since: float | None = None,
+                    skipped: list[str] | None = None) -> int:
+    """Write records that fell back or were flagged as TRL conversational preference rows (JSONL).
+
+    One row per record whose raw generation and sent reply both exist and differ:
+    {"prompt": [messages up to the last user turn], "chosen": [{"role": "assistant", "content": sent}],
+     "rejected": [{"role": "assistant", "content": raw_generation}], "meta": {...}}.
+    Records that cannot make a row (e.g. blocked before the model) are not dropped in silence:
+    "request_id: reason" is appended to `skipped`. Returns the number of rows written.
+    """
+    outcomes = [outcomes] if isinstance(outcomes, str) else list(outcomes)
+    out_path = Path(out_path)
+    rows: list[str] = []
+    for record in store.iter_records(outcome=outcomes, since=since):
+        row, reason = _preference_row(record)
+        if row is None:
+            if skipped is not None:
+                skipped.append(f"{record.get('request_id')}: {reason}")
+            continue
+        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+    _write_atomic(out_path, "".join(rows))
+    return len(rows)
+
+
+def _preference_row(record: dict[str, Any]) -> tuple[dict | None, str]:
+    raw, sent = record.get("raw_generation"), record.get("sent")
+    if not isinstance(raw, str) or not raw.strip():
+        return None, "no raw generation"
+    if not isinstance(sent, str) or not sent.strip():
+        return None, "no sent reply"
+    if raw.strip() == sent.strip():
+        return None, "sent reply equals raw generation"
+    prompt = _prompt_messages(record.get("prompt"))
+    if prompt is None:
+        return None, "no usable prompt (needs role/content messages with a user turn)"
+    meta = {k: record.get(k) for k in ("request_id", "task", "outcome", "stage")}
+    return {"prompt": prompt,
+            "chosen": [{"role": "assistant", "content": sent}],
+            "rejected": [{"role": "assistant", "content": raw}],
+            "meta": meta}, ""
+
+
+def _prompt_messages(raw: Any) -> list[dict[str, str]] | None:
+    """The messages up to and including the last user turn, as plain role/content dicts."""
+    if not isinstance(raw, list):
+        return None
+    messages: list[dict[str, str]] = []
+    for m in raw:
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
+            return None
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            return None
+        messages.append({"role": m["role"], "content": content})
+    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
+    return None if last_user is None else messages[: last_user + 1]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
