@@ -98,3 +98,13 @@ def test_monitor_records_but_sends_the_raw_reply(store, tmp_path):
     sent = asyncio.run(stage.after(strict, raw))
     assert stage.buffers("strict") and sent in store.fallbacks["closing"]
     assert asyncio.run(stage.after(ChatContext("r3", "other", []), raw)) == raw  # unguarded task
+
+
+def test_example_guarded_serve_config_validates():
+    from serving.config import load_serve_config
+
+    cfg = load_serve_config(ROOT / "examples" / "serve_guarded.yaml")
+    assert cfg.guardrails.tasks == ["sales"] and cfg.guardrails.compliance.mode == "enforce"
+    assert load_library(ROOT / cfg.guardrails.compliance.library).fallbacks.keys() >= {
+        "greeting", "needs_discovery", "product_info", "pricing", "objection_handling", "closing", "*"}
+    assert all(len(v) >= 2 for k, v in load_library(LIBRARY).fallbacks.items() if k != "*")
