@@ -85,6 +85,8 @@ class AuditStore:
             raise GuardtuneError("audit record needs a non-empty string 'request_id'")
         record = dict(record)
         record.setdefault("ts", time.time())
+        if not isinstance(record["ts"], (int, float)) or isinstance(record["ts"], bool):
+            raise GuardtuneError(f"audit record {rid}: 'ts' must be unix seconds (a number)")
         try:
             blob = json.dumps(record, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
@@ -129,7 +131,7 @@ class AuditStore:
                    "ORDER BY ts, request_id LIMIT ?")
             with self._lock:
                 rows = self._db().execute(sql, (*params, *key, page)).fetchall()
-            for ts, rid, blob in rows:
+            for _, _, blob in rows:
                 yield json.loads(blob)
             if len(rows) < page:
                 return
@@ -245,6 +247,7 @@ def _write_atomic(path: Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset should read like any other file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

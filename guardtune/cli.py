@@ -31,7 +31,7 @@ def _base(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from guardrails import scripts_cli
+    from guardrails import audit_cli, scripts_cli
     from serving import cli as serving_cli
     from training import cli as train_cli
 
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=serving_cli.adapters)
 
     scripts_cli.add_arguments(sub)
+    audit_cli.add_arguments(sub)
 
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")

@@ -94,10 +94,10 @@ def default_pipeline(cfg: ServeConfig) -> Pipeline:
     if g is None:
         return Pipeline()
     from guardrails.moderation import Moderator
-    from serving.stages import ComplianceStage, ModerationStage
+    from serving.stages import Audit, ComplianceStage, ModerationStage
 
     moderator = Moderator(g.moderation)
-    pipeline = Pipeline(pre=[ModerationStage(moderator, g.tasks)])
+    pipeline = Pipeline(pre=[ModerationStage(moderator, g.tasks)], audit=Audit(g.audit_db, g.tasks))
     if g.compliance is not None:
         # The raw reply is scanned for leaks and banned topics with the input's own scanners.
         output_scanners = [s for s in moderator.scanners if s.name in ("pii", "banned_topics")]
@@ -207,6 +207,25 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             return await asyncio.to_thread(stage.reload)
         except GuardtuneError as exc:
             raise APIError(400, str(exc), code="store_rejected") from None
+
+    @app.get("/admin/audit")
+    async def audit(request: Request, task: str | None = None, outcome: str | None = None,
+                    session_id: str | None = None, since: float | None = None, limit: int = 100,
+                    request_id: str | None = None):
+        require_admin(request, admin_key)
+        sink = state.pipeline.audit
+        if sink is None:
+            raise APIError(404, "no audit store is configured (set guardrails: in the serve config)",
+                           code="not_configured")
+        if request_id is not None:
+            record = await asyncio.to_thread(sink.store.get, request_id)
+            if record is None:
+                raise APIError(404, f"no audit record for request {request_id}", code="not_found")
+            return record
+        limit = max(1, min(limit, 1000))
+        records = await asyncio.to_thread(sink.store.query, task=task, outcome=outcome, session_id=session_id,
+                                          since=since, limit=limit)
+        return {"records": records, "count": len(records)}
 
     @app.get("/admin/tasks")
     async def list_tasks(request: Request):

@@ -92,6 +92,7 @@ class ChatService:
         extra = {"guardrails": ctx.report} if ctx.report else None
         self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
                                              time.time() - t0, None, guardrail="blocked"))
+        audit_record(self.s.pipeline, ctx, outcome="blocked", raw=None, sent=hit.text, t0=t0)
         if not req.stream:
             return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
         created = int(t0)
@@ -114,6 +115,8 @@ class _Run:
         self.ttft: float | None = None
         self.n_out = 0
         self.finish = "error"
+        self.raw: str | None = None  # what the model said
+        self.sent: str | None = None  # what the client got
 
     async def _deltas(self):
         adapter = self.slot.ref if self.slot is not None else None
@@ -137,14 +140,16 @@ class _Run:
         return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
 
     def _record(self, status: int) -> None:
+        outcome = guardrail_outcome(self.ctx.report)
         self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
-                                             self.n_out, time.time() - self.t0, self.ttft,
-                                             guardrail=guardrail_outcome(self.ctx.report)))
+                                             self.n_out, time.time() - self.t0, self.ttft, guardrail=outcome))
+        audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else f"error_{status}",
+                     raw=self.raw, sent=self.sent, t0=self.t0, ttft=self.ttft)
 
     async def complete(self) -> dict:
         try:
-            text = "".join([t async for t in self._deltas()])
-            text = await self.s.pipeline.run_post(self.ctx, text)
+            self.raw = "".join([t async for t in self._deltas()])
+            text = self.sent = await self.s.pipeline.run_post(self.ctx, self.raw)
         except Exception as exc:
             err = _generation_error(exc)
             self._record(err.status)
@@ -160,7 +165,8 @@ class _Run:
             async with stack:
                 yield _sse(chunk_body(rid, model, created, delta={"role": "assistant", "content": ""}, extra=self._extra()))
                 if self.s.pipeline.buffers(self.label):  # enforce: decide on the whole reply first
-                    text = await self.s.pipeline.run_post(self.ctx, "".join([t async for t in self._deltas()]))
+                    self.raw = "".join([t async for t in self._deltas()])
+                    text = self.sent = await self.s.pipeline.run_post(self.ctx, self.raw)
                     if text:
                         yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                 else:
@@ -169,8 +175,9 @@ class _Run:
                         if piece:
                             pieces.append(piece)
                             yield _sse(chunk_body(rid, model, created, delta={"content": piece}, extra=fp))
+                    self.raw = self.sent = "".join(pieces)
                     if self.s.pipeline.post:  # monitor: decisions are recorded, the raw reply stands
-                        await self.s.pipeline.run_post(self.ctx, "".join(pieces))
+                        await self.s.pipeline.run_post(self.ctx, self.raw)
                 yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=self._extra()))
                 if self.req.stream_options and self.req.stream_options.include_usage:
                     yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
@@ -185,6 +192,27 @@ class _Run:
             yield "data: [DONE]\n\n"
         finally:
             self._record(status)
+
+
+def audit_record(pipeline, ctx: ChatContext, *, outcome: str, raw: str | None, sent: str | None, t0: float,
+                 ttft: float | None = None) -> None:
+    """One record per guarded request, keyed by request id; a synchronous, fsynced SQLite insert."""
+    if not pipeline.audits(ctx.task):
+        return
+    out = ctx.report.get("output") or {}
+    inp = ctx.report.get("input") or {}
+    record = {
+        "request_id": ctx.request_id, "ts": time.time(), "task": ctx.task, "session_id": ctx.session_id,
+        "stage": out.get("stage") or ctx.dialogue_stage, "outcome": outcome, "input": inp,
+        "retrieved": ctx.report.get("retrieved", []), "prompt": ctx.messages, "raw_generation": raw, "sent": sent,
+        "script": {"id": out["script_id"], "score": out["score"]} if out.get("outcome") == "script" else None,
+        "fallback": ({"stage": out["fallback_stage"], "variant": out["fallback_variant"], "score": out["score"]}
+                     if out.get("outcome") == "fallback" else None),
+        "latency_ms": {"input": inp.get("latency_ms"), "compliance": out.get("latency_ms"),
+                       "first_token": round(ttft * 1000, 1) if ttft is not None else None,
+                       "total": round((time.time() - t0) * 1000, 1)},
+    }
+    pipeline.audit.write(record)
 
 
 def guardrail_outcome(report: dict) -> str:

@@ -47,6 +47,7 @@ class GuardrailsConfig(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: ["*"], description="guarded tasks; '*' is every task and the base")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
     compliance: ComplianceConfig | None = None
+    audit_db: Path = Field(Path("audit/audit.db"), description="one record per guarded request (SQLite, WAL)")
 
 
 class ServeConfig(BaseModel):

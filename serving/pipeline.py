@@ -43,10 +43,19 @@ class PostStage(Protocol):
     async def after(self, ctx: ChatContext, text: str) -> str: ...
 
 
+class AuditSink(Protocol):
+    def applies(self, task: str) -> bool: ...
+    def write(self, record: dict) -> None: ...
+
+
 @dataclass
 class Pipeline:
     pre: list[PreStage] = field(default_factory=list)
     post: list[PostStage] = field(default_factory=list)
+    audit: AuditSink | None = None
+
+    def audits(self, task: str) -> bool:
+        return self.audit is not None and self.audit.applies(task)
 
     async def run_pre(self, ctx: ChatContext) -> Intercept | None:
         for stage in self.pre:

@@ -92,3 +92,18 @@ class ComplianceStage:
                                            threshold=t.threshold)
         ctx.report["output"] = {"mode": t.mode, "raw": text, **decision.report()}
         return decision.sent if t.mode == "enforce" else text
+
+
+class Audit:
+    """Every guarded request leaves one durable record (written before the reply is finished)."""
+
+    def __init__(self, path, tasks: list[str]):
+        from guardrails.audit import AuditStore
+
+        self.store, self.tasks = AuditStore(path), set(tasks)
+
+    def applies(self, task: str) -> bool:
+        return "*" in self.tasks or task in self.tasks
+
+    def write(self, record: dict) -> None:
+        self.store.write(record)
