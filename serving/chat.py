@@ -90,8 +90,10 @@ class ChatService:
     def _intercepted(self, req, rid, ctx: ChatContext, hit: Intercept, t0: float):
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         extra = {"guardrails": ctx.report} if ctx.report else None
+        inp = ctx.report.get("input", {})
         self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
-                                             time.time() - t0, None, guardrail="blocked"))
+                                             time.time() - t0, None, guardrail="blocked",
+                                             blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms")))
         audit_record(self.s.pipeline, ctx, outcome="blocked", raw=None, sent=hit.text, t0=t0)
         if not req.stream:
             return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
@@ -141,8 +143,13 @@ class _Run:
 
     def _record(self, status: int) -> None:
         outcome = guardrail_outcome(self.ctx.report)
-        self.s.metrics.observe(RequestRecord(time.time(), self.label, status, self.finish, len(self.prompt_ids),
-                                             self.n_out, time.time() - self.t0, self.ttft, guardrail=outcome))
+        out, inp = self.ctx.report.get("output") or {}, self.ctx.report.get("input") or {}
+        guard_ms = [v for v in (inp.get("latency_ms"), out.get("latency_ms")) if v is not None]
+        self.s.metrics.observe(RequestRecord(
+            time.time(), self.label, status, self.finish, len(self.prompt_ids), self.n_out, time.time() - self.t0,
+            self.ttft, guardrail=outcome, stage=out.get("stage"), compliance_score=out.get("score"),
+            fallback=f"{out['fallback_stage']}/{out['fallback_variant']}" if out.get("outcome") == "fallback" else None,
+            guard_ms=sum(guard_ms) if guard_ms else None))
         audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else f"error_{status}",
                      raw=self.raw, sent=self.sent, t0=self.t0, ttft=self.ttft)
 

@@ -28,7 +28,12 @@ class RequestRecord:
     output_tokens: int
     e2e_s: float
     ttft_s: float | None
-    guardrail: str = "none"
+    guardrail: str = "none"  # none | blocked | redacted | script | fallback | monitor_script | monitor_fallback
+    blocked_by: str | None = None  # the scanner that blocked
+    stage: str | None = None  # dialogue stage the compliance decision used
+    fallback: str | None = None  # "<stage>/<variant>" when a fallback went out (or would have, in monitor)
+    compliance_score: float | None = None  # nearest-script cosine score
+    guard_ms: float | None = None  # input scanning + output compliance time
 
 
 class ServeMetrics:
@@ -51,6 +56,14 @@ class ServeMetrics:
                                 ("task", "status", "finish_reason", "guardrail"), registry=registry)
         self.engine_requests = Counter("guardtune_engine_requests_total", "Requests handed to the engine", ("task",),
                                        registry=registry)
+        self.blocks = Counter("guardtune_guardrail_blocks_total", "Inputs blocked, by scanner", ("task", "scanner"),
+                              registry=registry)
+        self.fallbacks = Counter("guardtune_guardrail_fallbacks_total", "Fallback replies by stage and variant",
+                                 ("task", "stage", "variant"), registry=registry)
+        self.compliance_score = hist("guardtune_compliance_score", "Nearest approved-script cosine score",
+                                     (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
+        self.guard_latency = hist("guardtune_guardrail_latency_seconds", "Input scanning plus output compliance time",
+                                  (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.queue_depth = Gauge("guardtune_queue_depth", "Requests waiting for a generation slot", registry=registry)
         self.running = Gauge("guardtune_requests_running", "Requests generating now", registry=registry)
         self.swaps = Counter("guardtune_adapter_swaps_total", "Adapter loads and swaps per task", ("task",),
@@ -70,6 +83,15 @@ class ServeMetrics:
                 self.ttft.labels(t).observe(rec.ttft_s)
                 if rec.output_tokens > 1:
                     self.tpot.labels(t).observe((rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1))
+        if rec.blocked_by:
+            self.blocks.labels(t, rec.blocked_by).inc()
+        if rec.fallback:
+            stage, _, variant = rec.fallback.rpartition("/")
+            self.fallbacks.labels(t, stage, variant).inc()
+        if rec.compliance_score is not None:
+            self.compliance_score.labels(t).observe(rec.compliance_score)
+        if rec.guard_ms is not None:
+            self.guard_latency.labels(t).observe(rec.guard_ms / 1000)
         with self._lock:
             self._recent.append(rec)
 

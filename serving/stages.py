@@ -32,7 +32,8 @@ class ModerationStage:
             reports.append(res.report())
             if (blocked := res.blocked_by) is not None:
                 ctx.report["input"] = {"blocked_by": blocked.scanner, "score": round(blocked.score, 4),
-                                       "reason": blocked.reason, "verdicts": res.report()["verdicts"]}
+                                       "reason": blocked.reason, "verdicts": res.report()["verdicts"],
+                                       "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
                 return Intercept(self.moderator.refusal(blocked.scanner))
             m["content"] = res.text  # normalised, PII redacted
         redacted = [v for r in reports for v in r["verdicts"] if v["scanner"] == "pii" and v["score"] > 0]
