@@ -90,15 +90,23 @@ class ModerationRequest(BaseModel):
 
 
 def default_pipeline(cfg: ServeConfig) -> Pipeline:
+    """Moderation first (a blocked input costs nothing more), then retrieval; compliance after the model."""
+    pipeline = Pipeline()
     g = cfg.guardrails
-    if g is None:
-        return Pipeline()
-    from guardrails.moderation import Moderator
-    from serving.stages import Audit, ComplianceStage, ModerationStage
+    if g is not None:
+        from guardrails.moderation import Moderator
+        from serving.stages import Audit, ModerationStage
 
-    moderator = Moderator(g.moderation)
-    pipeline = Pipeline(pre=[ModerationStage(moderator, g.tasks)], audit=Audit(g.audit_db, g.tasks))
-    if g.compliance is not None:
+        moderator = Moderator(g.moderation)
+        pipeline.pre.append(ModerationStage(moderator, g.tasks))
+        pipeline.audit = Audit(g.audit_db, g.tasks)
+    if cfg.rag:
+        from serving.stages import RetrievalStage
+
+        pipeline.pre.append(RetrievalStage(cfg.rag))
+    if g is not None and g.compliance is not None:
+        from serving.stages import ComplianceStage
+
         # The raw reply is scanned for leaks and banned topics with the input's own scanners.
         output_scanners = [s for s in moderator.scanners if s.name in ("pii", "banned_topics")]
         pipeline.post.append(ComplianceStage(g.compliance, g.tasks, output_scanners))
@@ -207,6 +215,17 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             return await asyncio.to_thread(stage.reload)
         except GuardtuneError as exc:
             raise APIError(400, str(exc), code="store_rejected") from None
+
+    @app.post("/admin/rag/reload")
+    async def reload_rag(request: Request):
+        require_admin(request, admin_key)
+        stage = next((s for s in state.pipeline.pre if s.name == "retrieval"), None)
+        if stage is None:
+            raise APIError(404, "no knowledge index is configured (rag: in the serve config)", code="not_configured")
+        try:
+            return await asyncio.to_thread(stage.reload)
+        except GuardtuneError as exc:
+            raise APIError(400, str(exc), code="index_rejected") from None
 
     @app.get("/admin/audit")
     async def audit(request: Request, task: str | None = None, outcome: str | None = None,

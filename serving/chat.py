@@ -60,7 +60,7 @@ class ChatService:
         meta = req.metadata
         ctx = ChatContext(rid, label, [{"role": m.role, "content": m.text()} for m in req.messages],
                           session_id=meta.session_id if meta else None,
-                          dialogue_stage=meta.dialogue_stage if meta else None)
+                          dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt)
         intercept = await s.pipeline.run_pre(ctx)
         if intercept is not None:
             return self._intercepted(req, rid, ctx, intercept, t0)
@@ -139,6 +139,8 @@ class _Run:
     def _extra(self):
         # system_fingerprint names the exact adapter load that served the request (task@id).
         extra = {"system_fingerprint": self.slot.ref.name if self.slot is not None else "base"}
+        if self.ctx.citations:
+            extra["citations"] = self.ctx.citations
         return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
 
     def _record(self, status: int) -> None:
@@ -215,7 +217,8 @@ def audit_record(pipeline, ctx: ChatContext, *, outcome: str, raw: str | None, s
         "script": {"id": out["script_id"], "score": out["score"]} if out.get("outcome") == "script" else None,
         "fallback": ({"stage": out["fallback_stage"], "variant": out["fallback_variant"], "score": out["score"]}
                      if out.get("outcome") == "fallback" else None),
-        "latency_ms": {"input": inp.get("latency_ms"), "compliance": out.get("latency_ms"),
+        "latency_ms": {"input": inp.get("latency_ms"), "retrieval": ctx.report.get("retrieval_ms"),
+                       "compliance": out.get("latency_ms"),
                        "first_token": round(ttft * 1000, 1) if ttft is not None else None,
                        "total": round((time.time() - t0) * 1000, 1)},
     }

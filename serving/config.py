@@ -50,6 +50,13 @@ class GuardrailsConfig(BaseModel):
     audit_db: Path = Field(Path("audit/audit.db"), description="one record per guarded request (SQLite, WAL)")
 
 
+class RetrievalConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    index: Path = Field(description="built by `guardtune rag ingest DIR --index PATH`")
+    top_k: int = Field(3, ge=1, le=20)
+    min_score: float = Field(0.3, ge=0, le=1)
+
+
 class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_model: str = DEFAULT_BASE_MODEL
@@ -68,6 +75,7 @@ class ServeConfig(BaseModel):
     protect_ops: bool = Field(False, description="require an API key for /metrics")
     limits: Limits = Field(default_factory=Limits)
     guardrails: GuardrailsConfig | None = None
+    rag: dict[str, RetrievalConfig] = Field(default_factory=dict, description="task -> knowledge index")
 
     def resolved_state_file(self) -> Path:
         return self.state_file or self.adapters_root / ".serve-state.json"

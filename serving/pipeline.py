@@ -22,6 +22,8 @@ class ChatContext:
     session_id: str | None = None
     dialogue_stage: str | None = None
     report: dict = field(default_factory=dict)  # returned to the client as `guardrails`
+    system_prompt: str | None = None  # the task's manifest prompt, for stages that add a system turn
+    citations: list[dict] = field(default_factory=list)  # returned to the client as `citations`
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from guardrails.moderation import Moderator
 from serving.pipeline import ChatContext, Intercept
@@ -108,3 +109,41 @@ class Audit:
 
     def write(self, record: dict) -> None:
         self.store.write(record)
+
+
+class RetrievalStage:
+    """Knowledge-base chunks into the prompt with [n] markers; the response carries the citations."""
+
+    name = "retrieval"
+
+    def __init__(self, per_task: dict):
+        self.per_task = per_task
+        self.indexes = {task: self._load(c.index) for task, c in per_task.items()}
+
+    @staticmethod
+    def _load(path):
+        from rag.index import KnowledgeIndex
+
+        return KnowledgeIndex.load(path)
+
+    def reload(self) -> dict:
+        """All indexes are loaded first; if any fails, the old ones keep serving."""
+        fresh = {task: self._load(c.index) for task, c in self.per_task.items()}
+        self.indexes = fresh
+        return {task: {"chunks": len(ix.chunks), "path": str(ix.path)} for task, ix in fresh.items()}
+
+    async def before(self, ctx: ChatContext) -> Intercept | None:
+        index = self.indexes.get(ctx.task)
+        if index is None:
+            return None
+        from rag.prompting import citations, with_context
+
+        c = self.per_task[ctx.task]
+        query = next((m["content"] for m in reversed(ctx.messages) if m["role"] == "user"), "")
+        t0 = time.perf_counter()
+        hits = await asyncio.to_thread(index.search, query, c.top_k, c.min_score)
+        ctx.messages = with_context(ctx.messages, hits, ctx.system_prompt)
+        ctx.citations = citations(hits)
+        ctx.report["retrieved"] = [f"{h.doc_id}#{h.chunk}" for h in hits]
+        ctx.report["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        return None

@@ -99,10 +99,18 @@ def guarded(two_adapters, tmp_path_factory):
                            "compliance": {"store": str(tmp / "store"), "library": str(LIBRARY),
                                           "sessions_db": str(tmp / "sessions.db"), "threshold": 0.01,
                                           "per_task": {OTTER_TASK: {"mode": "enforce", "threshold": 0.99}}}},
+                       rag={"sales": {"index": str(kb_index(tmp)), "top_k": 3, "min_score": 0.2}},
                        limits={"max_tokens_cap": 24})
     srv.store = tmp / "store"
     yield srv
     srv.stop()
+
+
+def kb_index(tmp):
+    from rag.index import ingest
+
+    ingest(ROOT / "examples" / "kb", tmp / "kb", log=lambda m: None)
+    return tmp / "kb"
 
 
 def engine_requests(url: str, task: str) -> float:
@@ -228,3 +236,22 @@ def test_every_guarded_request_has_one_audit_record(guarded):
     assert fallback["fallback"]["stage"] == "closing" and fallback["stage"] == "closing"
     listed = httpx.get(f"{guarded.url}/admin/audit", params={"session_id": "audit-1"}).json()
     assert {r["request_id"] for r in listed["records"]} >= set(ids.values())
+
+
+def test_retrieval_puts_sources_in_the_prompt_and_citations_in_the_response(guarded):
+    client = openai.OpenAI(base_url=f"{guarded.url}/v1", api_key="none", max_retries=0)
+    r = client.chat.completions.create(model="sales", max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": "How much does the Kestrel Charge wallbox cost to install?"}])
+    body = r.model_dump()
+    cites = body["citations"]
+    assert 1 <= len(cites) <= 3 and all(c["score"] >= 0.2 for c in cites)
+    assert any("charge" in c["source"].lower() or "wallbox" in c["source"].lower() for c in cites), cites
+    record = httpx.get(f"{guarded.url}/admin/audit", params={"request_id": r.id}).json()
+    system = record["prompt"][0]
+    assert system["role"] == "system" and "[1]" in system["content"]
+    assert record["retrieved"] == body["guardrails"]["retrieved"] and record["latency_ms"]["retrieval"] > 0
+    chunks = list(client.chat.completions.create(model="sales", max_tokens=4, stream=True, messages=[
+        {"role": "user", "content": "What is the warranty on the panels?"}]))
+    assert chunks[0].model_dump()["citations"]  # streamed replies carry them on the first chunk
+    reload = httpx.post(f"{guarded.url}/admin/rag/reload")
+    assert reload.status_code == 200 and reload.json()["sales"]["chunks"] > 0
