@@ -29,7 +29,7 @@ from bench import results_io  # noqa: E402
 USER = ["What does the Vault 10 battery cost?", "Do panels work when it is cloudy?", "How long is installation?",
         "My email is sam@example.com, can you send a quote?", "Can I pay for the system monthly?",
         "Which way should my roof face?", "Is there a warranty on the wallbox?", "Book me a site survey please."]
-REPLIES = ["The Vault 10 battery is about $6,900 with installation.", "Panels still make power on cloudy days.",
+REPLIES = ["The Vault 10 battery is about $7,900 with installation.", "Panels still make power on cloudy days.",
            "Installation usually takes one or two days.", "I'll email your quote within two days.",
            "Yes, financing runs from 5 to 20 years.", "South-facing roofs are best, but east and west work too.",
            "The wallbox has a warranty.", "Sure, I can book your free site survey."]

@@ -32,6 +32,7 @@ def _base(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from guardrails import audit_cli, scripts_cli
+    from rag import cli as rag_cli
     from serving import cli as serving_cli
     from training import cli as train_cli
 
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scripts_cli.add_arguments(sub)
     audit_cli.add_arguments(sub)
+    rag_cli.add_arguments(sub)
 
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")

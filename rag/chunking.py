@@ -16,7 +16,8 @@ from pathlib import Path
 from guardtune.errors import GuardtuneError
 
 SUFFIXES = (".md", ".txt", ".html", ".htm")
-MAX_CHUNK_TOKENS = 254  # all-MiniLM-L6-v2 truncates at 256 tokens, [CLS] and [SEP] included
+# all-MiniLM-L6-v2 reads 256 tokens: room for [CLS], [SEP] and the title line later chunks are embedded with
+MAX_CHUNK_TOKENS = 230
 
 _SKIP_TAGS = {"script", "style", "noscript", "template", "svg"}
 _BLOCK_TAGS = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "section", "article", "header", "footer",
@@ -76,7 +77,7 @@ def read_document(path: Path) -> str:
 
 
 def title(text: str) -> str:
-    """The first non-empty line without Markdown heading marks, at most 16 words."""
+    """The first non-empty line without Markdown heading marks, at most 16 words (about 24 tokens)."""
     line = next((ln for ln in text.splitlines() if ln.strip("#=-* \t")), "")
     return " ".join(line.strip("#=-* \t").split()[:16])
 

@@ -79,7 +79,7 @@ def build_faiss(vectors: np.ndarray, index_type: str):
 
     if index_type == "hnsw":
         index = faiss.IndexHNSWFlat(DIM, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = HNSW_EF_SEARCH
+        index.hnsw.efSearch = HNSW_EF_SEARCH  # saved with the index
         index.add(vectors)  # HNSW numbers vectors in insertion order
     else:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(DIM))
@@ -88,6 +88,8 @@ def build_faiss(vectors: np.ndarray, index_type: str):
 
 
 class KnowledgeIndex:
+    """A loaded index, read-only: safe to search from several threads; reload to see a newer ingest."""
+
     def __init__(self, path: Path, meta: dict, documents: dict[str, dict], chunks: list[dict], index):
         self.path, self.meta, self.documents, self.chunks, self.index = path, meta, documents, chunks, index
 
@@ -111,8 +113,6 @@ class KnowledgeIndex:
             raise GuardtuneError(f"knowledge index {path}: metadata does not match the index "
                                  f"(version {version}, {index.ntotal} vectors, {len(chunks)} chunks); "
                                  "delete it and ingest again")
-        if meta.get("index_type") == "hnsw":
-            index.hnsw.efSearch = HNSW_EF_SEARCH
         return cls(path, meta, documents, chunks, index)
 
     def search(self, query: str, top_k: int = 5, min_score: float = 0.0) -> list[Hit]:

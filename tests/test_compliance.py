@@ -33,7 +33,7 @@ def test_store_holds_exact_cosine_scores_with_an_id_map(store):
 
 
 def test_nearest_is_limited_to_the_stage_plus_global(store):
-    vec = embed(["The Kestrel Vault 10 battery is $6,900 installed."])[0]
+    vec = embed(["The Kestrel Vault 10 battery is $7,900 installed."])[0]
     assert store.nearest(vec, "pricing").script.id == "price-battery"
     in_greeting = store.nearest(vec, "greeting")
     assert in_greeting.script.stage in ("greeting", "*")
@@ -43,7 +43,7 @@ def test_nearest_is_limited_to_the_stage_plus_global(store):
 
 def test_decisions_script_fallback_and_sticky_variants(store):
     comp = Compliance(store, output_scanners=[PII()])
-    close = comp.decide("A Vault 10 battery costs 6,900 dollars including installation.", stage="pricing",
+    close = comp.decide("A Vault 10 battery costs 7,900 dollars including installation.", stage="pricing",
                         session_id="s1", threshold=0.6)
     assert close.outcome == "script" and close.script_id == "price-battery" and close.sent == store.scripts[9].text
     far = comp.decide("I like turtles and long walks.", stage="pricing", session_id="s1", threshold=0.6)
