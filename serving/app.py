@@ -80,6 +80,10 @@ async def start_state(state: ServerState) -> None:
         except AdapterRejected as exc:
             log.error("task %s not served: %s", task, exc)
     log.info("serving tasks: %s", ", ".join(state.registry.tasks) or "(none)")
+    if cfg.guardrails is not None or cfg.rag:
+        from guardrails.embeddings import embed
+
+        await asyncio.to_thread(embed, ["warm-up"])  # load the encoder now, not on the first guarded request
     state.ready = True
 
 

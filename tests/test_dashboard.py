@@ -173,7 +173,7 @@ def test_dashboard_renders_live_traffic(server, tmp_path):
         assert all(v > 0 for (_, kind), v in cells.items() if kind == "passed"), cells
         assert all(v >= 0 for v in cells.values()), cells  # a pattern match can take under 0.005 ms
         summary = page.evaluate("document.getElementById('block-summary').textContent")
-        assert re.search(r"base: \d+(\.\d)?% blocked \(4 of \d+\)", summary), summary
+        assert re.search(rf"base: \d+(\.\d)?% blocked \({len(INJECTIONS) + 1} of \d+\)", summary), summary
         for chart in GUARD_CHARTS:  # no empty-state note left once there is data
             assert not page.evaluate(f"(document.getElementById('{chart}').layout.annotations || []).length"), chart
 
