@@ -209,27 +209,25 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
                 "results": results}
 
-    @app.post("/admin/scripts/reload")
-    async def reload_scripts(request: Request):
+    async def reload_stage(request: Request, stages: list, name: str, missing: str):
+        """Reload a stage's store from disk; a bad one is refused and the old one keeps serving."""
         require_admin(request, admin_key)
-        stage = next((s for s in state.pipeline.post if s.name == "compliance"), None)
+        stage = next((s for s in stages if s.name == name), None)
         if stage is None:
-            raise APIError(404, "no compliance stage is configured", code="not_configured")
+            raise APIError(404, missing, code="not_configured")
         try:
             return await asyncio.to_thread(stage.reload)
         except GuardtuneError as exc:
-            raise APIError(400, str(exc), code="store_rejected") from None
+            raise APIError(400, str(exc), code=f"{name}_rejected") from None
+
+    @app.post("/admin/scripts/reload")
+    async def reload_scripts(request: Request):
+        return await reload_stage(request, state.pipeline.post, "compliance", "no compliance stage is configured")
 
     @app.post("/admin/rag/reload")
     async def reload_rag(request: Request):
-        require_admin(request, admin_key)
-        stage = next((s for s in state.pipeline.pre if s.name == "retrieval"), None)
-        if stage is None:
-            raise APIError(404, "no knowledge index is configured (rag: in the serve config)", code="not_configured")
-        try:
-            return await asyncio.to_thread(stage.reload)
-        except GuardtuneError as exc:
-            raise APIError(400, str(exc), code="index_rejected") from None
+        return await reload_stage(request, state.pipeline.pre, "retrieval",
+                                  "no knowledge index is configured (rag: in the serve config)")
 
     @app.get("/admin/audit")
     async def audit(request: Request, task: str | None = None, outcome: str | None = None,
