@@ -132,6 +132,12 @@ class _Run:
                     self.finish = d.finish_reason
                 yield d.text
 
+    async def _decide(self, raw: str) -> str:
+        sent = await self.s.pipeline.run_post(self.ctx, raw)
+        if sent != raw and self.finish == "length":
+            self.finish = "stop"  # a replacement (script or fallback) is a complete reply
+        return sent
+
     def usage(self) -> Usage:
         p = len(self.prompt_ids)
         return Usage(prompt_tokens=p, completion_tokens=self.n_out, total_tokens=p + self.n_out)
@@ -158,7 +164,7 @@ class _Run:
     async def complete(self) -> dict:
         try:
             self.raw = "".join([t async for t in self._deltas()])
-            text = self.sent = await self.s.pipeline.run_post(self.ctx, self.raw)
+            text = self.sent = await self._decide(self.raw)
         except Exception as exc:
             err = _generation_error(exc)
             self._record(err.status)
@@ -175,7 +181,7 @@ class _Run:
                 yield _sse(chunk_body(rid, model, created, delta={"role": "assistant", "content": ""}, extra=self._extra()))
                 if self.s.pipeline.buffers(self.label):  # enforce: decide on the whole reply first
                     self.raw = "".join([t async for t in self._deltas()])
-                    text = self.sent = await self.s.pipeline.run_post(self.ctx, self.raw)
+                    text = self.sent = await self._decide(self.raw)
                     if text:
                         yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                 else:
