@@ -53,12 +53,12 @@ def build_scanners(cfg: ModerationConfig) -> list[Scanner]:
 
     scanners: list[Scanner] = [Normalise()] if cfg.normalise else []
     scanners.append(SizeCharset(max_chars=cfg.max_chars))
+    if cfg.pii != "off":  # early, so no later step (or the audit of a block) ever sees the raw PII
+        scanners.append(PII(action=cfg.pii))
     if cfg.injection:
         scanners.append(Injection(threshold=cfg.injection_threshold))
     if cfg.banned_topics:
         scanners.append(BannedTopics(cfg.banned_topics, threshold=cfg.topic_threshold))
-    if cfg.pii != "off":
-        scanners.append(PII(action=cfg.pii))
     return scanners
 
 

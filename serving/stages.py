@@ -31,12 +31,12 @@ class ModerationStage:
                 continue
             res = await asyncio.to_thread(self.moderator.check, m["content"])
             reports.append(res.report())
+            m["content"] = res.text  # normalised, PII redacted: also what the audit keeps of a blocked turn
             if (blocked := res.blocked_by) is not None:
                 ctx.report["input"] = {"blocked_by": blocked.scanner, "score": round(blocked.score, 4),
                                        "reason": blocked.reason, "verdicts": res.report()["verdicts"],
                                        "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
                 return Intercept(self.moderator.refusal(blocked.scanner))
-            m["content"] = res.text  # normalised, PII redacted
         redacted = [v for r in reports for v in r["verdicts"] if v["scanner"] == "pii" and v["score"] > 0]
         ctx.report["input"] = {"blocked_by": None, "redacted": [v["reason"] for v in redacted],
                                "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
