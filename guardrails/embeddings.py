@@ -27,3 +27,16 @@ def embed(texts: list[str], model_path: str | None = None) -> np.ndarray:
         vecs = _model(model_path).encode(texts, batch_size=64, normalize_embeddings=True,
                                          convert_to_numpy=True, show_progress_bar=False)
     return np.asarray(vecs, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4096)
+def _embed_one(text: str, model_path: str | None) -> np.ndarray:
+    vec = embed([text], model_path)[0]
+    vec.setflags(write=False)  # shared between callers through the cache
+    return vec
+
+
+def embed_one(text: str, model_path: str | None = None) -> np.ndarray:
+    """One text, cached: a user turn is embedded once for the injection check, the topic check,
+    stage inference and retrieval."""
+    return _embed_one(text, model_path)

@@ -120,11 +120,13 @@ class KnowledgeIndex:
 
     def search_many(self, queries: list[str], top_k: int = 5, min_score: float = 0.0) -> list[list[Hit]]:
         """Best chunks per query, highest cosine first; one embed call for all queries."""
-        from guardrails.embeddings import embed
+        from guardrails.embeddings import embed, embed_one
 
         if not queries or not self.chunks or top_k < 1:
             return [[] for _ in queries]
-        scores, ids = self.index.search(embed(queries), min(top_k, len(self.chunks)))
+        # A single query is usually a user turn the guardrails already embedded: take it from the cache.
+        vectors = embed_one(queries[0]).reshape(1, -1) if len(queries) == 1 else embed(queries)
+        scores, ids = self.index.search(vectors, min(top_k, len(self.chunks)))
         return [[self._hit(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0 and s >= min_score]
                 for row_s, row_i in zip(scores, ids)]
 

@@ -52,11 +52,11 @@ class Injection:
         self._vectors = None
 
     def _similarity(self, text: str) -> float:
-        from guardrails.embeddings import embed
+        from guardrails.embeddings import embed, embed_one
 
         if self._vectors is None:
             self._vectors = embed(self.exemplars)
-        return float((self._vectors @ embed([text])[0]).max())
+        return float((self._vectors @ embed_one(text)).max())
 
     def scan(self, text: str) -> Verdict:
         for p in PATTERNS:

@@ -24,12 +24,12 @@ class BannedTopics:
     def scan(self, text: str) -> Verdict:
         if not self.topics:
             return Verdict(self.name, text, True, 0.0)
-        from guardrails.embeddings import embed
+        from guardrails.embeddings import embed_one
 
         if self._index is None:
             self._load()
         vectors, names = self._index
-        sims = vectors @ embed([text])[0]
+        sims = vectors @ embed_one(text)
         best = int(sims.argmax())
         score = float(sims[best])
         if score >= self.threshold:
