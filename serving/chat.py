@@ -72,7 +72,7 @@ class ChatService:
             await stack.enter_async_context(s.admission.slot())
         except APIError as exc:
             s.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code or "rejected", len(prompt_ids), 0,
-                                            time.time() - t0, None))
+                                            time.time() - t0, None, guard_ms=ctx.report.get("input", {}).get("latency_ms")))
             raise
         try:
             if slot is not None:
@@ -152,6 +152,8 @@ class _Run:
     def _record(self, status: int) -> None:
         outcome = guardrail_outcome(self.ctx.report)
         out, inp = self.ctx.report.get("output") or {}, self.ctx.report.get("input") or {}
+        if inp.get("redacted"):  # counted apart: the outcome label shows the compliance decision instead
+            self.s.metrics.redactions.labels(self.label).inc()
         guard_ms = [v for v in (inp.get("latency_ms"), out.get("latency_ms")) if v is not None]
         self.s.metrics.observe(RequestRecord(
             time.time(), self.label, status, self.finish, len(self.prompt_ids), self.n_out, time.time() - self.t0,

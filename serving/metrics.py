@@ -58,6 +58,8 @@ class ServeMetrics:
                                        registry=registry)
         self.blocks = Counter("guardtune_guardrail_blocks_total", "Inputs blocked, by scanner", ("task", "scanner"),
                               registry=registry)
+        self.redactions = Counter("guardtune_guardrail_redactions_total", "Requests whose input had PII redacted",
+                                  ("task",), registry=registry)
         self.fallbacks = Counter("guardtune_guardrail_fallbacks_total", "Fallback replies by stage and variant",
                                  ("task", "stage", "variant"), registry=registry)
         self.compliance_score = hist("guardtune_compliance_score", "Nearest approved-script cosine score",
