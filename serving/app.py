@@ -198,10 +198,14 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
     async def moderations(body: ModerationRequest, request: Request):
         nonlocal moderator
         require_user(request, user_keys)
-        if moderator is None:
-            from guardrails.moderation import Moderator
+        if moderator is None:  # the pipeline's own scanners when there are guardrails, else the defaults
+            stage = next((s for s in state.pipeline.pre if s.name == "moderation"), None)
+            if stage is not None:
+                moderator = stage.moderator
+            else:
+                from guardrails.moderation import Moderator
 
-            moderator = Moderator(cfg.guardrails.moderation if cfg.guardrails else None)
+                moderator = Moderator()
         texts = [body.input] if isinstance(body.input, str) else body.input
         if len(texts) > 32 or any(not t for t in texts):
             raise APIError(400, "input: 1 to 32 non-empty strings", param="input")

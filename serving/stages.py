@@ -11,6 +11,11 @@ from serving.pipeline import ChatContext, Intercept
 SCANNED_ROLES = ("user", "system", "developer")  # everything the client wrote
 
 
+def guarded(tasks: set[str], task: str) -> bool:
+    """The guardrails' `tasks:` list: names, or '*' for every task and the base."""
+    return "*" in tasks or task in tasks
+
+
 class ModerationStage:
     """Every client-written turn goes through the scanners; a block never reaches the engine."""
 
@@ -19,11 +24,8 @@ class ModerationStage:
     def __init__(self, moderator: Moderator, tasks: list[str]):
         self.moderator, self.tasks = moderator, set(tasks)
 
-    def applies(self, task: str) -> bool:
-        return "*" in self.tasks or task in self.tasks
-
     async def before(self, ctx: ChatContext) -> Intercept | None:
-        if not self.applies(ctx.task):
+        if not guarded(self.tasks, ctx.task):
             return None
         reports = []
         for m in ctx.messages:
@@ -70,7 +72,7 @@ class ComplianceStage:
         return {"version": store.version, "scripts": len(store.scripts), "path": str(store.path)}
 
     def _mode(self, task: str):
-        if "*" not in self.tasks and task not in self.tasks:
+        if not guarded(self.tasks, task):
             return None
         t = self.cfg.for_task(task)
         return None if t.mode == "off" else t
@@ -105,7 +107,7 @@ class Audit:
         self.store, self.tasks = AuditStore(path), set(tasks)
 
     def applies(self, task: str) -> bool:
-        return "*" in self.tasks or task in self.tasks
+        return guarded(self.tasks, task)
 
     def write(self, record: dict) -> None:
         self.store.write(record)
