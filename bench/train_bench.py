@@ -4,7 +4,13 @@ Each method runs `train examples/train_lora.yaml` in its own process (so peak RS
 the same number of steps on the same data. Reports median s/step (first step excluded: warm-up),
 trained tokens/s and peak RSS, each as a ratio to LoRA. Results: bench/results/train_methods.{json,md}.
 
+`--packing` instead compares SFT with `packing: true` against padded batches (the baseline) on
+generated mixed-length chats: one epoch each over the same conversations, so both see the same
+non-pad tokens; reports non-pad tokens/s and peak RSS and their ratios.
+Results: bench/results/train_packing.{json,md}.
+
     .venv/bin/python bench/train_bench.py [--steps 20] [--methods lora qlora dora]
+    .venv/bin/python bench/train_bench.py --packing [--rows 40]
 """
 
 from __future__ import annotations
@@ -58,12 +64,85 @@ def run_method(method: str, steps: int, work: Path) -> dict:
     }
 
 
+def mixed_length_chats(n: int) -> list[dict]:
+    """Our own chats: three in four short, one in four long, as support logs tend to be."""
+    short = ["Yes, we install on Saturdays.", "The Vault 10 is 6,900 dollars installed.", "Our survey is free."]
+    long_reply = ("Here is how an installation goes. A surveyor visits, measures the roof and checks the fuse box. "
+                  "We send a quote with the panel layout, the battery size and the expected yearly output. ")
+    rows = []
+    for i in range(n):
+        reply = long_reply * (6 + i % 4) if i % 4 == 0 else short[i % 3]
+        rows.append({"messages": [{"role": "user", "content": f"Question {i}: can you tell me more?"},
+                                  {"role": "assistant", "content": reply}]})
+    return rows
+
+
+def run_packing(packing: bool, data: Path, work: Path) -> dict:
+    name = "packing" if packing else "padding"
+    run_dir = work / f"runs-{name}"
+    args = ["task=bench-" + name, f"train_file={data}", f"packing={str(packing).lower()}", "max_length=512",
+            "batch_size=4", "eval_split=0", "num_epochs=1", "gradient_checkpointing=false", f"run_dir={run_dir}",
+            f"output_dir={work / ('adapter-' + name)}", "report_to=none", "generation_samples=0", "resume=never",
+            "save_steps=100000", "lr_scheduler=constant", "warmup_ratio=0"]
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-c", CHILD, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "GUARDTUNE_CACHE": str(work / "cache")})
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    # "data: N train / 0 eval conversations, T/TOTAL tokens trained, ..." : TOTAL is every non-pad token
+    line = next(x for x in proc.stderr.splitlines() if "tokens trained" in x)
+    total = int(line.split("tokens trained")[0].split("/")[-1])
+    train_s = sum(r["s_per_step"] for r in steps)
+    return {"mode": name, "steps": len(steps), "non_pad_tokens": total, "train_s": round(train_s, 1),
+            "s_per_step": round(statistics.median(r["s_per_step"] for r in steps), 2),
+            "non_pad_tokens_per_s": round(total / train_s, 1),
+            "peak_rss_gb": round(int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 1024 / 1024, 2),
+            "wall_s": round(time.time() - t0, 1)}
+
+
+def packing_bench(n_rows: int, out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "cache").mkdir()
+        from guardtune.paths import cache_root
+
+        (work / "cache" / "models").symlink_to(cache_root() / "models")  # the materialised base, not rebuilt
+        data = work / "mixed.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in mixed_length_chats(n_rows)))
+        results = []
+        for packing in (False, True):
+            print(f"bench: {'packing' if packing else 'padding'}, one epoch of {n_rows} chats ...", file=sys.stderr,
+                  flush=True)
+            results.append(run_packing(packing, data, work))
+            print(f"bench: {results[-1]}", file=sys.stderr, flush=True)
+    base = results[0]
+    for r in results:
+        r["tokens_per_s_vs_padding"] = round(r["non_pad_tokens_per_s"] / base["non_pad_tokens_per_s"], 2)
+        r["peak_rss_vs_padding"] = round(r["peak_rss_gb"] / base["peak_rss_gb"], 2)
+    info = results_io.meta(config=f"SmolLM2-135M LoRA r16 all-linear, fp32, batch 4, max_length 512, no gradient "
+                                  f"checkpointing; {n_rows} generated chats, 3 in 4 short (~50 tokens), 1 in 4 "
+                                  f"long (~300-450 tokens); one epoch each", rows=n_rows)
+    lines = [f"Measured {info['date']} on {info['machine']}; {info['config']}.", ""]
+    lines += results_io.table(
+        ["mode", "steps", "non-pad tokens", "train s", "non-pad tokens/s", "x padding", "peak RSS GB", "x padding"],
+        [[r["mode"], r["steps"], r["non_pad_tokens"], r["train_s"], r["non_pad_tokens_per_s"],
+          r["tokens_per_s_vs_padding"], r["peak_rss_gb"], r["peak_rss_vs_padding"]] for r in results])
+    results_io.write(out, {"meta": info, "results": results}, lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--methods", nargs="+", default=["lora", "qlora", "dora"])
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "train_methods")
+    p.add_argument("--packing", action="store_true", help="compare SFT packing with padding instead")
+    p.add_argument("--rows", type=int, default=40, help="--packing: generated chats (one epoch)")
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
+    if a.packing:
+        return packing_bench(a.rows, a.out or ROOT / "bench" / "results" / "train_packing")
+    a.out = a.out or ROOT / "bench" / "results" / "train_methods"
     methods = ["lora"] + [m for m in a.methods if m != "lora"]  # the baseline always runs, first
     with tempfile.TemporaryDirectory() as tmp:
         results = []

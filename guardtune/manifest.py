@@ -11,12 +11,36 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from guardtune.errors import GuardtuneError
 from guardtune.paths import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
+
+# Training methods by what they produce and what can serve it.
+LORA_METHODS = ("lora", "qlora", "dora")  # a LoRA adapter: vLLM (or transformers) serves it per task
+FULL_METHODS = ("full", "freeze")  # a complete model directory: served as a base model, not as a task
+PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter")  # PEFT, transformers only
+METHODS = LORA_METHODS + FULL_METHODS + PROMPT_METHODS
+Method = Literal["lora", "qlora", "dora", "full", "freeze", "prompt_tuning", "p_tuning", "prefix_tuning",
+                 "llama_adapter"]
+Artifact = Literal["adapter", "full_model"]
+ServeWith = Literal["vllm", "transformers"]
+
+
+def serving_for(method: str) -> tuple[Artifact, ServeWith]:
+    """What a method's output directory holds, and the least capable engine that can serve it.
+
+    vLLM serves only LoRA adapters per task; prompt, prefix and adaption-prompt adapters change the
+    model's inputs or attention in ways vLLM has no kernels for, so only the transformers engine serves
+    them. A full-model directory is itself a base model (both engines serve it as `base_model`).
+    """
+    if method in FULL_METHODS:
+        return "full_model", "vllm"
+    if method in PROMPT_METHODS:
+        return "adapter", "transformers"
+    return "adapter", "vllm"
 
 
 class BaseModelRef(BaseModel):
@@ -37,11 +61,12 @@ class Manifest(BaseModel):
     manifest_version: int = MANIFEST_VERSION
     task: str
     base_model: BaseModelRef
-    method: Literal["lora", "qlora", "dora"]
-    serve_with: Literal["vllm", "transformers"] = "vllm"
-    rank: int
-    alpha: float
-    target_modules: list[str] | str
+    method: Method
+    artifact: Artifact = Field("adapter", description="adapter: a PEFT adapter dir; full_model: weights + tokenizer")
+    serve_with: ServeWith = Field("vllm", description="vllm: any engine; transformers: only the transformers engine")
+    rank: int | None = Field(None, description="LoRA rank; null for methods without one")
+    alpha: float | None = None
+    target_modules: list[str] | str | None = None
     chat_template: str
     system_prompt: str | None = Field(
         description="injected when a request has no system turn; null means the template's own default"
@@ -51,7 +76,27 @@ class Manifest(BaseModel):
     data_fingerprint: str
     metrics: Metrics
     train_config: dict[str, Any] = Field(default_factory=dict)
+    data_mix: list[dict[str, Any]] | None = Field(
+        None, description="realised mix of `datasets:` sources: name, ratio, available and sampled rows, share"
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Manifest":
+        # Old manifests (LoRA family, no `artifact`) pass on the defaults; a hand-edited mismatch is caught
+        # here rather than as a confusing load failure in an engine.
+        artifact, serve_with = serving_for(self.method)
+        if self.artifact != artifact:
+            raise ValueError(f"method {self.method} produces artifact '{artifact}', not '{self.artifact}'")
+        if serve_with == "transformers" and self.serve_with != "transformers":
+            raise ValueError(f"method {self.method} can only be served by the transformers engine")
+        if self.method in LORA_METHODS and self.rank is None:
+            raise ValueError(f"method {self.method} needs its rank recorded")
+        return self
+
+    @property
+    def is_full_model(self) -> bool:
+        return self.artifact == "full_model"
 
     def write(self, adapter_dir: Path) -> Path:
         path = Path(adapter_dir) / MANIFEST_NAME
@@ -68,7 +113,8 @@ class Manifest(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(root)"
-            raise GuardtuneError(f"{path}: invalid manifest at '{where}': {first['msg']}") from None
+            msg = first["msg"].removeprefix("Value error, ")
+            raise GuardtuneError(f"{path}: invalid manifest at '{where}': {msg}") from None
 
 
 def resolve_manifest_base(manifest: Manifest) -> Path:

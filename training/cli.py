@@ -14,6 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. method=qlora max_steps=20")
     p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed data rows instead of failing")
     p.add_argument("--keys", action="store_true", help="list config keys with defaults and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the launch command per node and check the "
+                   "distributed settings, without training")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,7 +33,16 @@ def run(args: argparse.Namespace) -> int:
         args.config = None
     if args.skip_bad_rows:
         overrides.append("skip_bad_rows=true")
+    if args.dry_run:
+        overrides.append("dry_run=true")
     cfg = load_config(args.config, overrides)
+    from training.distributed import launch  # several processes: torchrun starts ranks that re-run this CLI
+
+    if launch.wanted(cfg):
+        code = launch.launch(cfg, args.config, overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+        if not cfg.dry_run:
+            print(cfg.adapter_dir)
+        return code
     train(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(cfg.adapter_dir)
     return 0
@@ -40,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="train", description="Fine-tune a base chat model into a PEFT adapter with a guardtune manifest.")
     add_arguments(p)
-    return run_cli(lambda: run(p.parse_args(argv)))
+    return run_cli(lambda: run(p.parse_intermixed_args(argv)))  # flags may come between key=value overrides
 
 
 if __name__ == "__main__":

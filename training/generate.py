@@ -1,4 +1,4 @@
-"""Greedy replies from a (PEFT) model, used to show what an adapter changed."""
+"""Greedy replies from a tuned model (any method), used to show what training changed."""
 
 from __future__ import annotations
 
@@ -18,7 +18,10 @@ def reply(model, tokenizer, messages, *, system_prompt=None, stop_ids=None, max_
 
 
 def compare(model, tokenizer, conversations, *, system_prompt=None, stop_ids=None, max_new_tokens=48):
-    """(prompt, base reply, adapter reply) for each conversation's last user turn."""
+    """(prompt, base reply, tuned reply) for each conversation's last user turn.
+
+    `model` is a PeftModel or a full model from training.adapters (both have `disable_adapter()`).
+    """
     rows = []
     for conv in conversations:
         prompt = conv[:-1] if conv[-1]["role"] == "assistant" else conv

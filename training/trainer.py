@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from guardtune.errors import GuardtuneError
-from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
 from guardtune.models import resolve_base_model, weights_sha256
 from training.config import TrainConfig
+from training.distributed import runtime as dist
 
 RUN_STATE = "guardtune_run.json"
 
@@ -37,10 +37,14 @@ def stop_tokens(tokenizer, base_dir: Path) -> list[str]:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """Newest checkpoint that finished writing; a kill mid-save leaves one without trainer_state.json."""
+    """Newest checkpoint that finished writing; a kill mid-save leaves one without trainer_state.json.
+
+    PEFT runs checkpoint adapter_model.*; full/freeze runs checkpoint the whole model (model*.safetensors).
+    """
     ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
     for ckpt in reversed(ckpts):
-        if (ckpt / "trainer_state.json").is_file() and any(ckpt.glob("adapter_model.*")):
+        weights = [*ckpt.glob("adapter_model.*"), *ckpt.glob("model*.safetensors"), *ckpt.glob("pytorch_model*.bin")]
+        if (ckpt / "trainer_state.json").is_file() and weights:
             return ckpt
     return None
 
@@ -56,18 +60,22 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, log) -> Path | None:
                 "or resume=never to start over there"
             )
         log(f"resume: continuing from {ckpt}")
-    elif cfg.resume == "never" and run_dir.exists():
+    elif cfg.resume == "never" and run_dir.exists() and dist.is_main():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    state.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json")}, indent=2))
+    if dist.is_main():  # distributed: one writer
+        state.write_text(json.dumps({"fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json")}, indent=2))
     return ckpt
 
 
 def train(cfg: TrainConfig, *, log=print) -> Path:
+    if cfg.stage == "dpo":  # preference pairs: TRL's DPOTrainer, its own data and loop (training/dpo.py)
+        from training.dpo import train_dpo
+
+        return train_dpo(cfg, log=log)
     import torch
     from transformers import (
         AutoTokenizer,
-        DataCollatorForSeq2Seq,
         Trainer,
         TrainingArguments,
         set_seed,
@@ -77,9 +85,12 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     from training import peft_setup
     from training.callbacks import MetricsCallback, QuietProgress
     from training.data.dataset import prepare
+    from training.data.packing import collator_for
     from training.data.processor import Example, show_mask
     from training.tracking import ConsoleLogger, FanOut, JsonlLogger
 
+    if not dist.is_main():  # distributed: progress and logs come from rank 0 only
+        log = lambda msg: None  # noqa: E731
     t_start = time.time()
     base_dir = resolve_base_model(cfg.base_model, log=log)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -97,17 +108,19 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     log("example 0, trained tokens in [[...]]:\n" + show_mask(tokenizer, Example(first["input_ids"], first["labels"])))
 
     run_dir = cfg.checkpoint_dir
-    resume_from = _resume_point(cfg, run_dir, log)
+    decided, resume_from = dist.resume_from_launcher()  # distributed: chosen once, before the ranks started
+    if not decided:
+        resume_from = _resume_point(cfg, run_dir, log)
     set_seed(cfg.seed)
     model = peft_setup.load_base(cfg, base_dir)
-    model, trainable, total = peft_setup.wrap(cfg, model)
-    log(f"model: {cfg.method} r={cfg.rank} alpha={cfg.alpha} on {cfg.base_model}: "
+    model, trainable, total = peft_setup.wrap(cfg, model, base_dir)
+    log(f"model: {peft_setup.describe(cfg)} on {cfg.base_model}: "
         f"{trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable")
 
     steps_per_epoch = math.ceil(len(data.train) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
-    loggers = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
-    if cfg.report_to == "swanlab":
+    loggers = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")] if dist.is_main() else []
+    if cfg.report_to == "swanlab" and dist.is_main():
         from training.tracking import SwanLabLogger
 
         loggers.append(SwanLabLogger(run_dir / "swanlog", cfg.swanlab_project, cfg.task))
@@ -117,7 +130,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     tracker.log_config(cfg.model_dump(mode="json") | {"trainable_params": trainable, "train_rows": s.train_rows})
 
     on_cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    args = dist.resolved(TrainingArguments(**dist.training_arguments(cfg, model, dict(  # distributed: ds/fsdp/backend
         output_dir=str(run_dir),
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
@@ -127,7 +140,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=int(cfg.warmup_ratio * total_steps),
         max_steps=total_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing and not cfg.quantized,  # kbit prep already did it
+        gradient_checkpointing=peft_setup.trainer_checkpointing(cfg),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         eval_strategy="steps" if data.eval is not None else "no",
         eval_steps=cfg.eval_steps,
@@ -143,10 +156,12 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         dataloader_pin_memory=on_cuda,
         remove_unused_columns=False,
         disable_tqdm=False,
-    )
-    collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, pad_to_multiple_of=8)
+    ))))
+    collator = collator_for(cfg, tokenizer)  # packed rows (sft packing) or rows padded per batch
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=collator, callbacks=[MetricsCallback(tracker)])
+    dist.cpu_fsdp(trainer)  # distributed: accelerate keeps FSDP off on CPU; turn it on before the model is wrapped
+    dist.report_shards(trainer)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
 
@@ -158,6 +173,12 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             tracker.log({"eval_loss": metrics.eval_loss}, trainer.state.global_step)
         metrics.train_runtime_s = round(time.time() - t_start, 1)
         metrics.steps = trainer.state.global_step
+        metrics.trainable_params = trainable
+        if cfg.eval_forgetting:  # base vs adapter on a general set, while the model is in memory
+            from training.evaluate import forgetting_after_training
+
+            metrics.forgetting = forgetting_after_training(
+                cfg, model, tokenizer, tokenizer.convert_tokens_to_ids(stop_tokens(tokenizer, base_dir)), log=log)
     finally:
         tracker.close()
 
@@ -165,10 +186,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     manifest = Manifest(
         task=cfg.task,
         base_model=BaseModelRef(id=cfg.base_model, path=str(base_dir), sha256=weights_sha256(base_dir)),
-        method=cfg.method,
-        rank=cfg.rank,
-        alpha=cfg.alpha,
-        target_modules=cfg.target_modules,
+        **peft_setup.manifest_fields(cfg),  # method, artifact, serve_with, rank, alpha, target_modules
         chat_template=tokenizer.chat_template,
         system_prompt=cfg.system_prompt,
         stop_tokens=stops,
@@ -176,25 +194,30 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         data_fingerprint=data.fingerprint,
         metrics=metrics,
         train_config=cfg.model_dump(mode="json"),
+        data_mix=data.stats.data_mix,
     )
-    with atomic_dir(cfg.adapter_dir) as tmp:
-        model.save_pretrained(tmp)
-        manifest.write(tmp)
+    # distributed: rank 0 publishes; ZeRO-3/FSDP shards are gathered through the Trainer first
+    # full/freeze: the directory also gets the tokenizer (chat template) and generation config, to serve as a base
+    dist.save_adapter(trainer, cfg.adapter_dir, model.save_pretrained,
+                      lambda tmp: (peft_setup.finish_artifact(cfg, tokenizer, tmp, base_dir), manifest.write(tmp)))
     log(f"adapter: wrote {cfg.adapter_dir} (train loss {metrics.train_loss:.4f}"
         + (f", eval loss {metrics.eval_loss:.4f}" if metrics.eval_loss is not None else "") + ")")
 
-    if cfg.generation_samples:
+    sample_file = cfg.eval_file or cfg.train_file or next((d.path for d in cfg.datasets or [] if d.path), None)
+    if cfg.generation_samples and sample_file and dist.is_main() and cfg.stage == "sft":  # pt data has no chats
         from training.data.readers import read_jsonl
         from training.generate import compare, print_comparison
 
-        convs = read_jsonl(cfg.eval_file or cfg.train_file, skip_bad_rows=True).conversations[: cfg.generation_samples]
+        convs = read_jsonl(sample_file, skip_bad_rows=True).conversations[: cfg.generation_samples]
         stop_ids = tokenizer.convert_tokens_to_ids(stops)
-        print_comparison(compare(model, tokenizer, convs, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
+        gen_model = dist.generation_model(trainer, model, cfg.adapter_dir)
+        print_comparison(compare(gen_model, tokenizer, convs, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
 
-    if cfg.merge:
+    if cfg.merge and dist.is_main():
         from training.export import merge
 
         merge(cfg.adapter_dir, Path(f"{cfg.adapter_dir}-merged"), log=log)
+    dist.finish()  # all ranks meet before exit
     return cfg.adapter_dir
 
 

@@ -2,6 +2,11 @@
 
 The cache key covers the data bytes, the tokenizer (vocab and chat template) and every setting that
 changes tokens or masks, so a rerun with the same inputs skips tokenisation.
+
+Rows stream from the file through cleaning (cleaning.py) and the train/eval split into shards that
+are tokenised and cached one at a time (shards.py), so a dataset of any size fits in memory:
+- stage sft: conversations with label masks (processor.py), optionally packed (packing.py);
+- stage pt: raw text cut into full blocks, every token trained (pretrain.py).
 """
 
 from __future__ import annotations
@@ -9,27 +14,37 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from guardtune.errors import GuardtuneError
 from guardtune.paths import cache_root
-from training.data.processor import IGNORE, MaskOptions, tokenize_conversation
-from training.data.readers import read_jsonl
+from training.data import shards
+from training.data.cleaning import Cleaner, CleaningCounts
+from training.data.processor import IGNORE, MaskOptions, tokenize_batch
+from training.data.readers import count_rows, iter_rows, normalise_row, text_row
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+BATCH = 1000  # rows per call into the fast tokenizer
 
 
 @dataclass
 class DataStats:
-    train_rows: int
+    train_rows: int  # conversations (pt: documents) kept
     eval_rows: int
     bad_rows: list[str] = field(default_factory=list)
     untrainable_rows: int = 0  # every label masked after truncation
     truncated_rows: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
+    data_mix: list[dict] | None = None  # realised mix of `datasets:` sources (training/mixing.py)
+    train_sequences: int = 0  # rows the trainer sees: conversations, packed rows or pt blocks
+    eval_sequences: int = 0
+    dropped_tokens: int = 0  # pt: tails shorter than a block
+    cleaning: dict = field(default_factory=lambda: asdict(CleaningCounts()))
+    shards: dict = field(default_factory=dict)  # split -> shard names in the cache
 
 
 @dataclass
@@ -57,82 +72,132 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def prepare(cfg, tokenizer, *, log=print) -> Prepared:
-    files = [cfg.train_file] + ([cfg.eval_file] if cfg.eval_file else [])
+    mix = None
+    if getattr(cfg, "datasets", None):  # several sources with ratios; replay sources are generated here
+        from training.mixing import MixPlan
+
+        mix = MixPlan.build(cfg, tokenizer, log=log)
+    files = (mix.files if mix else [cfg.train_file]) + ([cfg.eval_file] if cfg.eval_file else [])
     for f in files:
         if not Path(f).is_file():
             raise GuardtuneError(f"data {f}: no such file")
-    data_fp = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
+    data_fp = hashlib.sha256(("".join(file_sha256(f) for f in files) + (mix.key() if mix else "")).encode()).hexdigest()[:16]
     opts = MaskOptions(cfg.max_length, cfg.train_on_prompt, cfg.mask_history, cfg.system_prompt)
+    data_opts = {k: getattr(cfg, k) for k in ("stage", "block_size", "packing", "dedup_exact", "dedup_near",
+                                              "filler_words", "banned_phrases", "shard_rows")}
     key_src = json.dumps([CACHE_FORMAT, data_fp, tokenizer_fingerprint(tokenizer), asdict(opts),
-                          cfg.eval_split, cfg.seed, cfg.skip_bad_rows], sort_keys=True)
+                          cfg.eval_split, cfg.seed, cfg.skip_bad_rows, data_opts], sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:20]
     cache_dir = cache_root() / "datasets" / key
 
-    from datasets import load_from_disk
-
-    if (cache_dir / "stats.json").is_file():
+    if shards.is_complete(cache_dir):
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
-        ev = cache_dir / "eval"
         log(f"data: tokenised cache hit {cache_dir}")
-        return Prepared(load_from_disk(str(cache_dir / "train")), load_from_disk(str(ev)) if ev.exists() else None,
+        return Prepared(shards.load(cache_dir, stats.shards["train"]), shards.load(cache_dir, stats.shards["eval"]),
                         stats, data_fp, True)
 
-    train_rows = read_jsonl(cfg.train_file, skip_bad_rows=cfg.skip_bad_rows)
-    bad = list(train_rows.bad_rows)
-    convs = train_rows.conversations
-    if cfg.eval_file:
-        eval_rows = read_jsonl(cfg.eval_file, skip_bad_rows=cfg.skip_bad_rows)
-        bad += eval_rows.bad_rows
-        train_convs, eval_convs = convs, eval_rows.conversations
-    else:
-        order = list(range(len(convs)))
-        random.Random(cfg.seed).shuffle(order)
-        n_eval = int(round(len(convs) * cfg.eval_split)) if len(convs) > 1 else 0
-        eval_convs = [convs[i] for i in order[:n_eval]]
-        train_convs = [convs[i] for i in order[n_eval:]]
+    bad: list[str] = []
+    cleaning = CleaningCounts()
+    meta: dict = {}
+    stream = _rows(cfg, mix, bad, cleaning, meta, log)
+    tokenise = _pt_shard(tokenizer, cfg.block_size or cfg.max_length) if cfg.stage == "pt" \
+        else _sft_shard(tokenizer, opts, cfg.packing)
+    names, totals = shards.build(cache_dir, stream, tokenise, shard_rows=cfg.shard_rows, log=log)
     if bad:
         log(f"data: skipped {len(bad)} bad rows (skip_bad_rows=true); first: {bad[0]}")
+    if any(asdict(cleaning).values()):
+        log(f"data: cleaning: {cleaning.summary()}")
 
-    stats = DataStats(train_rows=0, eval_rows=0, bad_rows=bad)
-    train = _tokenise(train_convs, tokenizer, opts, stats, log=log, label="train")
-    stats.train_rows = len(train["input_ids"])
-    evald = _tokenise(eval_convs, tokenizer, opts, stats, log=log, label="eval") if eval_convs else None
-    stats.eval_rows = len(evald["input_ids"]) if evald else 0
-    if stats.train_rows == 0 or stats.trained_tokens == 0:
+    stats = DataStats(train_rows=totals.get("rows", 0), eval_rows=totals.get("eval_rows", 0), bad_rows=bad,
+                      data_mix=meta.get("data_mix"), cleaning=asdict(cleaning), shards=names,
+                      train_sequences=totals.get("sequences", 0), eval_sequences=totals.get("eval_sequences", 0))
+    for k in ("untrainable_rows", "truncated_rows", "trained_tokens", "total_tokens", "dropped_tokens"):
+        setattr(stats, k, totals.get(k, 0) + totals.get(f"eval_{k}", 0))
+    if stats.train_rows + stats.untrainable_rows == 0:
+        after = " left after cleaning" if meta.get("seen") else ""
+        raise GuardtuneError(f"data {cfg.train_file}: no usable rows{after}")
+    if stats.train_sequences == 0 and cfg.stage == "pt":
+        raise GuardtuneError(f"data {cfg.train_file}: {stats.dropped_tokens} tokens of text, fewer than one "
+                             f"block of {cfg.block_size or cfg.max_length}; lower block_size or add text")
+    if stats.train_rows == 0 or totals.get("trained_tokens", 0) == 0:
         raise GuardtuneError(
             f"data {cfg.train_file}: every label is masked (no assistant tokens survive max_length={cfg.max_length}); "
             "nothing to train on"
         )
-
-    from datasets import Dataset
-
-    tmp = cache_dir.with_name(cache_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    train_ds = Dataset.from_dict(train)
-    train_ds.save_to_disk(str(tmp / "train"))
-    eval_ds = Dataset.from_dict(evald) if evald else None
-    if eval_ds is not None:
-        eval_ds.save_to_disk(str(tmp / "eval"))
-    (tmp / "stats.json").write_text(json.dumps(asdict(stats)))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    tmp.rename(cache_dir)
-    return Prepared(load_from_disk(str(cache_dir / "train")),
-                    load_from_disk(str(cache_dir / "eval")) if eval_ds is not None else None, stats, data_fp, False)
+    shards.finish(cache_dir, asdict(stats))
+    return Prepared(shards.load(cache_dir, names["train"]), shards.load(cache_dir, names["eval"]), stats, data_fp,
+                    False)
 
 
-def _tokenise(convs, tokenizer, opts: MaskOptions, stats: DataStats, *, log, label: str) -> dict:
-    out = {"input_ids": [], "labels": []}
-    step = max(1, len(convs) // 5)
-    for i, conv in enumerate(convs, start=1):
-        ex = tokenize_conversation(tokenizer, conv, opts)
-        if ex is None:
-            stats.untrainable_rows += 1
-            continue
-        stats.truncated_rows += int(ex.dropped_turns > 0 or len(ex.input_ids) == opts.max_length)
-        stats.trained_tokens += sum(1 for lab in ex.labels if lab != IGNORE)
-        stats.total_tokens += len(ex.input_ids)
-        out["input_ids"].append(ex.input_ids)
-        out["labels"].append(ex.labels)
-        if i % step == 0 or i == len(convs):
-            log(f"data: tokenised {label} {i}/{len(convs)}")
-    return out
+def _rows(cfg, mix, bad: list[str], cleaning: CleaningCounts, meta: dict, log):
+    """Stream ("train" | "eval", cleaned row). Without an eval_file, `eval_split` of the row indices,
+    drawn with the seed, go to eval; duplicates are judged across both, so none straddle the split."""
+    parse = text_row if cfg.stage == "pt" else normalise_row
+    cleaner = Cleaner.from_config(cfg)
+    if mix is not None:
+        train, evals, mix_bad, meta["data_mix"] = mix.sample(eval_split=0.0 if cfg.eval_file else cfg.eval_split,
+                                                            skip_bad_rows=cfg.skip_bad_rows, log=log)
+        bad += mix_bad
+        labelled = [("train", r) for r in train] + [("eval", r) for r in evals]
+    else:
+        eval_idx: set[int] = set()
+        if not cfg.eval_file and cfg.eval_split > 0:
+            n = count_rows(cfg.train_file)
+            n_eval = int(round(n * cfg.eval_split)) if n > 1 else 0
+            eval_idx = set(random.Random(cfg.seed).sample(range(n), n_eval))
+        labelled = (("eval" if i in eval_idx else "train", r)
+                    for i, r in iter_rows(cfg.train_file, parse, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad))
+    for split, row in labelled:
+        meta["seen"] = True
+        row = cleaner(row)
+        if row is not None:
+            yield split, row
+    cleaning.add(cleaner.counts)
+    if cfg.eval_file:
+        eval_cleaner = Cleaner.from_config(cfg)  # a given eval set is judged on its own
+        for _, row in iter_rows(cfg.eval_file, parse, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad):
+            row = eval_cleaner(row)
+            if row is not None:
+                yield "eval", row
+        cleaning.add(eval_cleaner.counts)
+
+
+def _sft_shard(tokenizer, opts: MaskOptions, packing: bool) -> shards.Tokenise:
+    def tokenise(convs: list) -> tuple[shards.Columns, dict[str, int]]:
+        from training.data.packing import pack
+
+        counts = dict.fromkeys(("rows", "sequences", "untrainable_rows", "truncated_rows", "trained_tokens",
+                                "total_tokens"), 0)
+        examples = []
+        for i in range(0, len(convs), BATCH):
+            for ex in tokenize_batch(tokenizer, convs[i:i + BATCH], opts):
+                if ex is None:
+                    counts["untrainable_rows"] += 1
+                    continue
+                counts["truncated_rows"] += int(ex.dropped_turns > 0 or len(ex.input_ids) == opts.max_length)
+                ex.input_ids, ex.labels = np.asarray(ex.input_ids, np.int32), np.asarray(ex.labels, np.int32)
+                counts["trained_tokens"] += int((ex.labels != IGNORE).sum())
+                counts["total_tokens"] += len(ex.input_ids)
+                examples.append(ex)
+        counts["rows"] = len(examples)
+        if packing:
+            columns = pack(examples, opts.max_length)
+        else:
+            columns = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+        counts["sequences"] = len(columns["input_ids"])
+        return columns, counts
+
+    return tokenise
+
+
+def _pt_shard(tokenizer, block_size: int) -> shards.Tokenise:
+    def tokenise(docs: list) -> tuple[shards.Columns, dict[str, int]]:
+        from training.data.pretrain import text_blocks
+
+        blocks, dropped = text_blocks(tokenizer, docs, block_size)
+        n_tokens = int(sum(len(b) for b in blocks))
+        return {"input_ids": blocks, "labels": blocks}, {
+            "rows": len(docs), "sequences": len(blocks), "trained_tokens": n_tokens, "total_tokens": n_tokens,
+            "dropped_tokens": dropped}
+
+    return tokenise

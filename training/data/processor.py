@@ -81,18 +81,42 @@ def _encode(tokenizer, messages: list[Message], opts: MaskOptions) -> Example:
     if opts.mask_history:
         spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
+    return _masked(enc["input_ids"], enc["offset_mapping"], spans, opts)
+
+
+def _masked(ids: list[int], offsets, spans: list[tuple[int, int]], opts: MaskOptions) -> Example:
     if opts.train_on_prompt:
         return Example(ids, list(ids))
     labels = [IGNORE] * len(ids)
     span_iter = iter(spans)
     span = next(span_iter, None)
-    for k, (s, e) in enumerate(enc["offset_mapping"]):
+    for k, (s, e) in enumerate(offsets):
         while span is not None and s >= span[1]:
             span = next(span_iter, None)
         if span is not None and s >= span[0] and e <= span[1] and e > s:
             labels[k] = ids[k]
     return Example(ids, labels)
+
+
+def tokenize_batch(tokenizer, convs: list[list[Message]], opts: MaskOptions) -> list[Example | None]:
+    """tokenize_conversation for many rows, with one batched call into the fast tokenizer.
+
+    Rows that fit max_length (nearly all) are masked straight from the batch; a row that is too long
+    goes through tokenize_conversation, which drops its oldest turns. The result is the same.
+    """
+    rendered = []
+    for conv in convs:
+        text, spans = assistant_spans(tokenizer, with_system(conv, opts.system_prompt))
+        rendered.append((text, spans[-1:] if opts.mask_history else spans))
+    enc = tokenizer([t for t, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
+    out: list[Example | None] = []
+    for conv, (_, spans), ids, offsets in zip(convs, rendered, enc["input_ids"], enc["offset_mapping"]):
+        if len(ids) > opts.max_length:
+            out.append(tokenize_conversation(tokenizer, conv, opts))
+            continue
+        ex = _masked(ids, offsets, spans, opts)
+        out.append(None if all(label == IGNORE for label in ex.labels) else ex)
+    return out
 
 
 def show_mask(tokenizer, ex: Example, limit: int = 400) -> str:

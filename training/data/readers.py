@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from guardtune.errors import GuardtuneError
 
@@ -27,33 +28,78 @@ class ReadResult:
 
 
 def read_jsonl(path: str | Path, *, skip_bad_rows: bool = False) -> ReadResult:
+    result = ReadResult(conversations=[])
+    for _, conv in iter_rows(path, normalise_row, skip_bad_rows=skip_bad_rows, bad_rows=result.bad_rows):
+        result.conversations.append(conv)
+    if not result.conversations:
+        raise GuardtuneError(f"data {path}: no usable rows")
+    return result
+
+
+def iter_rows(path: str | Path, parse=None, *, skip_bad_rows: bool = False,
+              bad_rows: list[str] | None = None) -> Iterator[tuple[int, object]]:
+    """Stream (row index, parsed row), one line at a time, so memory does not grow with the file.
+
+    The index counts every row, bad ones included, so that a split by index is stable. `.txt` files
+    hold raw text (stage pt): one row per blank-line-separated block, not JSON.
+    """
     path = Path(path)
     if not path.is_file():
         raise GuardtuneError(f"data {path}: no such file")
-    result = ReadResult(conversations=[])
-    with path.open(encoding="utf-8", errors="strict") as fh:
+    parse = parse or normalise_row
+    for index, (lineno, raw) in enumerate(_raw_rows(path)):
         try:
-            lines = list(fh)
-        except UnicodeDecodeError as exc:
-            raise GuardtuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            where = f"{path}:{lineno}: empty line"
-            if skip_bad_rows:
-                result.bad_rows.append(where)
+            if path.suffix == ".txt":
+                yield index, parse(raw)
                 continue
-            raise GuardtuneError(f"{where} (use skip_bad_rows=true to count and skip bad rows)")
-        try:
-            result.conversations.append(normalise_row(json.loads(line)))
+            if not raw.strip():
+                raise BadRow("empty line")
+            yield index, parse(json.loads(raw))
         except (json.JSONDecodeError, BadRow) as exc:
             reason = f"invalid JSON ({exc.msg})" if isinstance(exc, json.JSONDecodeError) else str(exc)
             where = f"{path}:{lineno}: {reason}"
             if not skip_bad_rows:
                 raise GuardtuneError(f"{where} (use skip_bad_rows=true to count and skip bad rows)") from None
-            result.bad_rows.append(where)
-    if not result.conversations:
-        raise GuardtuneError(f"data {path}: no usable rows")
-    return result
+            if bad_rows is not None:
+                bad_rows.append(where)
+
+
+def count_rows(path: str | Path) -> int:
+    return sum(1 for _ in _raw_rows(Path(path)))
+
+
+def _raw_rows(path: Path) -> Iterator[tuple[int, str]]:
+    """(first line number, text) per row: a line of JSONL, or a blank-line-separated block of a .txt file."""
+    block: list[str] = []
+    start = 1
+    with path.open("rb") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise GuardtuneError(f"{path}:{lineno}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            if path.suffix != ".txt":
+                yield lineno, text
+            elif text.strip():
+                if not block:
+                    start = lineno
+                block.append(text)
+            elif block:
+                yield start, "".join(block).strip()
+                block = []
+    if block:
+        yield start, "".join(block).strip()
+
+
+def text_row(row: object) -> str:
+    """Stage pt: a JSONL row with a `text` field, or a block of a .txt file."""
+    if isinstance(row, str):
+        return row
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise BadRow("stage pt reads raw text: each row needs a 'text' string (or use a .txt file)")
+    if not row["text"].strip():
+        raise BadRow("empty 'text'")
+    return row["text"]
 
 
 def normalise_row(row: object) -> list[Message]:

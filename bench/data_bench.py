@@ -1,0 +1,138 @@
+"""Tokenisation throughput and peak memory of `prepare` (streamed, sharded, cached) as data grows.
+
+For each size the bench writes that many generated chats to a temp dir and runs `prepare` in its own
+process (so peak RSS is its own), with a fresh cache. Peak RSS should stay flat across sizes: the
+stream is never held whole and each shard of `shard_rows` rows is written to disk before the next.
+Baselines in the same run: the smallest size's peak RSS, and the per-row tokenisation of the
+previous path (tokenize_conversation in a loop) for throughput. Results: bench/results/data.{json,md}.
+
+    .venv/bin/python bench/data_bench.py [--sizes 10000 100000 1000000] [--shard-rows 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import results_io  # noqa: E402
+
+CHILD = """
+import json, resource, sys, time
+from transformers import AutoTokenizer
+from guardtune.models import resolve_base_model
+from training.config import validate
+from training.data.dataset import prepare
+tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m-instruct"))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+cfg = validate({"train_file": sys.argv[1], "eval_split": 0.0, "max_length": 512, "shard_rows": int(sys.argv[2])})
+t0 = time.time()
+data = prepare(cfg, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
+dt = time.time() - t0
+print("RESULT", json.dumps({"seconds": dt, "rows": data.stats.train_rows, "tokens": data.stats.total_tokens,
+      "shards": len(data.stats.shards["train"]), "rss_before_kb": before,
+      "peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
+"""
+
+BASELINE = """
+import resource, sys, time
+from transformers import AutoTokenizer
+from guardtune.models import resolve_base_model
+from training.data.processor import MaskOptions, tokenize_conversation
+from training.data.readers import read_jsonl
+tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m-instruct"))
+convs = read_jsonl(sys.argv[1]).conversations
+t0 = time.time()
+for c in convs:
+    tokenize_conversation(tok, c, MaskOptions(max_length=512))
+print("RESULT", len(convs) / (time.time() - t0), flush=True)
+"""
+
+WORDS = ("panel battery inverter roof survey quote warranty install charger meter solar winter summer price "
+         "kilowatt hour saving finance loan weekend team visit day week month year our your the a is are can "
+         "we you do does how what when where which will would should").split()
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)).capitalize() + rng.choice(".?!")
+
+
+def write_rows(path: Path, n: int, seed: int = 0) -> None:
+    """Generated chats: 1-3 exchanges, replies of 8-60 words."""
+    rng = random.Random(seed)
+    with path.open("w") as fh:
+        for _ in range(n):
+            msgs = []
+            for _ in range(rng.choice((1, 1, 2, 3))):
+                msgs.append({"role": "user", "content": sentence(rng, rng.randint(4, 16))})
+                msgs.append({"role": "assistant", "content": sentence(rng, rng.randint(8, 60))})
+            fh.write(json.dumps({"messages": msgs}) + "\n")
+
+
+def run(code: str, args: list[str], cache: Path) -> str:
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                               "GUARDTUNE_CACHE": str(cache)})
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child failed:\n{proc.stderr[-3000:]}")
+    return proc.stdout.split("RESULT", 1)[1].strip()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--shard-rows", type=int, default=20_000)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data")
+    a = p.parse_args()
+    from guardtune.paths import cache_root
+
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for n in sorted(a.sizes):
+            data = work / f"rows-{n}.jsonl"
+            t0 = time.time()
+            write_rows(data, n)
+            cache = work / f"cache-{n}"
+            cache.mkdir()
+            (cache / "models").symlink_to(cache_root() / "models")  # the materialised base, not rebuilt
+            print(f"bench: {n:,} rows ({data.stat().st_size / 1e6:.0f} MB, written in {time.time() - t0:.0f}s), "
+                  "tokenising ...", file=sys.stderr, flush=True)
+            if not results:  # throughput baseline: the previous per-row path, on the smallest size
+                baseline_rows_s = float(run(BASELINE, [str(data)], cache))
+            r = json.loads(run(CHILD, [str(data), str(a.shard_rows)], cache))
+            results.append({"rows": n, "shards": r["shards"], "tokens": r["tokens"], "seconds": round(r["seconds"], 1),
+                            "rows_per_s": round(n / r["seconds"]), "tokens_per_s": round(r["tokens"] / r["seconds"]),
+                            "rss_after_load_mb": round(r["rss_before_kb"] / 1024),
+                            "peak_rss_mb": round(r["peak_rss_kb"] / 1024),
+                            "cache_mb": round(sum(f.stat().st_size for f in cache.glob("datasets/*/*")) / 1e6)})
+            print(f"bench: {results[-1]}", file=sys.stderr, flush=True)
+            data.unlink()
+    base = results[0]
+    for r in results:
+        r["peak_rss_vs_smallest"] = round(r["peak_rss_mb"] / base["peak_rss_mb"], 2)
+        r["rows_per_s_vs_per_row_path"] = round(r["rows_per_s"] / baseline_rows_s, 2)
+    info = results_io.meta(config=f"SmolLM2 tokenizer, generated chats of 1-3 exchanges, max_length 512, "
+                                  f"shard_rows {a.shard_rows}", per_row_path_rows_per_s=round(baseline_rows_s))
+    lines = [f"Measured {info['date']} on {info['machine']}; {info['config']}. The previous per-row path "
+             f"tokenised {round(baseline_rows_s):,} rows/s on {base['rows']:,} rows already in memory (no JSON "
+             "reading, no cache writing), which the rows/s below include.", ""]
+    lines += results_io.table(
+        ["rows", "shards", "seconds", "rows/s", "x per-row path", "tokens/s", "RSS after load MB", "peak RSS MB",
+         "x smallest", "cache MB"],
+        [[f"{r['rows']:,}", r["shards"], r["seconds"], f"{r['rows_per_s']:,}", r["rows_per_s_vs_per_row_path"],
+          f"{r['tokens_per_s']:,}", r["rss_after_load_mb"], r["peak_rss_mb"], r["peak_rss_vs_smallest"],
+          r["cache_mb"]] for r in results])
+    results_io.write(a.out, {"meta": info, "results": results}, lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Streamed, sharded tokenisation into a content-keyed on-disk cache of memory-mapped Arrow shards.
+
+Rows arrive as a stream of (split, row). Every `shard_rows` rows of a split become one shard, which
+is tokenised and written as an Arrow file, then renamed into place, so a killed run keeps its
+finished shards and the rerun tokenises only the rest. Memory therefore follows the shard size:
+the stream is never held whole, and the finished shards are memory-mapped, not loaded.
+
+When several processes prepare the same data (torchrun sets LOCAL_RANK/LOCAL_WORLD_SIZE), each
+tokenises every n-th shard and waits for the others' shards on disk; every process then maps all
+shards, and the Trainer's sampler shuffles rows across all of them, anew each epoch.
+`stats.json`, written last by local rank 0, marks the cache complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+SPLITS = ("train", "eval")
+Columns = dict[str, list[np.ndarray]]
+Tokenise = Callable[[list], tuple[Columns, dict[str, int]]]
+
+
+def local_rank() -> tuple[int, int]:
+    """(rank, world) of the processes on this node; each node fills its own cache, shared or not."""
+    env = os.environ
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"]), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    return int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+
+
+def is_complete(cache_dir: Path) -> bool:
+    return (cache_dir / "stats.json").is_file()
+
+
+def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenise, *, shard_rows: int,
+          log=print, wait_timeout_s: float = 6 * 3600,
+          ranks: tuple[int, int] | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Tokenise the stream into shards under cache_dir; returns (shard names per split, summed counts).
+
+    `ranks` (rank, world) defaults to the launcher's environment (local_rank())."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = ranks or local_rank()
+    buffers: dict[str, list] = {s: [] for s in SPLITS}
+    names: dict[str, list[str]] = {s: [] for s in SPLITS}
+    done = {"tokenised": 0, "reused": 0}
+
+    def flush(split: str) -> None:
+        name = f"{split}-{len(names[split]):05d}"
+        mine = sum(len(v) for v in names.values()) % world == rank
+        names[split].append(name)
+        if mine:
+            if (cache_dir / f"{name}.json").is_file():
+                done["reused"] += 1
+            else:
+                t0 = time.time()
+                columns, counts = tokenise(buffers[split])
+                _write_shard(cache_dir, name, columns, counts)
+                done["tokenised"] += 1
+                dt = time.time() - t0
+                log(f"data: tokenised {name}: {len(buffers[split])} rows in {dt:.1f}s "
+                    f"({len(buffers[split]) / max(dt, 1e-9):,.0f} rows/s)")
+        buffers[split] = []
+
+    for split, row in rows:
+        buffers[split].append(row)
+        if len(buffers[split]) >= shard_rows:
+            flush(split)
+    for split in SPLITS:
+        if buffers[split]:
+            flush(split)
+    if done["reused"]:
+        log(f"data: reused {done['reused']} shards cached by an earlier, unfinished run")
+    all_names = [n for s in SPLITS for n in names[s]]
+    _wait_for(cache_dir, all_names, log, wait_timeout_s)
+    totals: dict[str, int] = {}
+    for n in all_names:
+        for k, v in json.loads((cache_dir / f"{n}.json").read_text()).items():
+            key = f"eval_{k}" if n.startswith("eval") else k
+            totals[key] = totals.get(key, 0) + v
+    return names, totals
+
+
+def finish(cache_dir: Path, stats: dict, ranks: tuple[int, int] | None = None) -> None:
+    """Local rank 0 marks the cache complete; the others wait for the mark."""
+    rank, _ = ranks or local_rank()
+    if rank == 0:
+        tmp = cache_dir / f"stats.json.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(stats))
+        tmp.rename(cache_dir / "stats.json")
+    else:
+        _wait_for(cache_dir, [], print, 3600, marker="stats.json")
+
+
+def load(cache_dir: Path, names: list[str]):
+    """The shards of one split as one memory-mapped dataset, or None when there are none."""
+    from datasets import Dataset, concatenate_datasets
+
+    if not names:
+        return None
+    parts = [Dataset.from_file(str(cache_dir / f"{n}.arrow")) for n in names]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _write_shard(cache_dir: Path, name: str, columns: Columns, counts: dict[str, int]) -> None:
+    import pyarrow as pa
+
+    table = pa.table({k: _list_array(v) for k, v in columns.items()})
+    tmp = cache_dir / f"{name}.arrow.tmp-{os.getpid()}"
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    tmp.rename(cache_dir / f"{name}.arrow")
+    meta = cache_dir / f"{name}.json.tmp-{os.getpid()}"
+    meta.write_text(json.dumps(counts))
+    meta.rename(cache_dir / f"{name}.json")  # written last: the shard is complete
+
+
+def _list_array(arrays: list[np.ndarray]):
+    import pyarrow as pa
+
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
+    np.cumsum([len(a) for a in arrays], out=offsets[1:])
+    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def _wait_for(cache_dir: Path, names: list[str], log, timeout_s: float, marker: str | None = None) -> None:
+    files = [cache_dir / f"{n}.json" for n in names] + ([cache_dir / marker] if marker else [])
+    t0 = last = time.time()
+    while True:
+        missing = [f for f in files if not f.is_file()]
+        if not missing:
+            return
+        now = time.time()
+        if now - t0 > timeout_s:
+            from guardtune.errors import GuardtuneError
+
+            raise GuardtuneError(f"data: gave up after {timeout_s:.0f}s waiting for {missing[0]} "
+                                 "from another rank; did it fail?")
+        if now - last > 60:
+            log(f"data: waiting for {len(missing)} shards from other ranks")
+            last = now
+        time.sleep(0.5)

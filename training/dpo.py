@@ -1,0 +1,286 @@
+"""`stage: dpo`: a LoRA/DoRA adapter trained with TRL's DPOTrainer on preference pairs.
+
+The input is TRL's conversational preference form, exactly what `guardtune badcases export`
+writes: {"prompt": [messages ending in a user turn], "chosen": [{"role": "assistant", ...}],
+"rejected": [{"role": "assistant", ...}], "meta": {...}}. Plain strings are accepted for the three
+fields too. A bad row stops the run with `file:line: reason`, or is counted with skip_bad_rows.
+
+The reference model is the base itself: TRL disables the adapter to score it, so no second copy
+of the weights is held. The adapter is published like an SFT one (manifest, atomic directory),
+with TRL's reward margin and accuracy in its metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from guardtune.errors import GuardtuneError
+from guardtune.fsutil import atomic_dir
+from guardtune.manifest import BaseModelRef, Manifest, Metrics
+from guardtune.models import resolve_base_model, weights_sha256
+from training.data.readers import ROLES
+
+# TRL metric name -> manifest metric name
+REWARD_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
+                  "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
+
+
+class BadPair(ValueError):
+    pass
+
+
+@dataclass
+class Preferences:
+    rows: list[dict]
+    bad_rows: list[str] = field(default_factory=list)
+
+
+def read_preferences(path: str | Path, *, skip_bad_rows: bool = False) -> Preferences:
+    path = Path(path)
+    if not path.is_file():
+        raise GuardtuneError(f"data {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise GuardtuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    out = Preferences(rows=[])
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            if not line.strip():
+                raise BadPair("empty line")
+            try:
+                raw = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise BadPair(f"invalid JSON ({exc.msg})") from None
+            out.rows.append(normalise_pair(raw))
+        except BadPair as exc:
+            where = f"{path}:{lineno}: {exc}"
+            if not skip_bad_rows:
+                raise GuardtuneError(f"{where} (use skip_bad_rows=true to count and skip bad rows)") from None
+            out.bad_rows.append(where)
+    if not out.rows:
+        raise GuardtuneError(f"data {path}: no usable preference rows")
+    return out
+
+
+def normalise_pair(row: object) -> dict:
+    """One preference row as {prompt: [messages ending in user], chosen: [assistant], rejected: [assistant]}."""
+    if not isinstance(row, dict):
+        raise BadPair("row is not a JSON object")
+    missing = [k for k in ("prompt", "chosen", "rejected") if k not in row]
+    if missing:
+        raise BadPair(f"preference row needs 'prompt', 'chosen' and 'rejected' (missing {', '.join(missing)})")
+    prompt = _prompt(row["prompt"])
+    chosen, rejected = _reply(row["chosen"], "chosen"), _reply(row["rejected"], "rejected")
+    if chosen[0]["content"].strip() == rejected[0]["content"].strip():
+        raise BadPair("chosen equals rejected: nothing to prefer")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _prompt(raw: object) -> list[dict]:
+    if isinstance(raw, str) and raw.strip():
+        return [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise BadPair("'prompt' must be a non-empty list of messages (or a string)")
+    out = []
+    for i, m in enumerate(raw):
+        if not isinstance(m, dict):
+            raise BadPair(f"prompt message {i} is not an object")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise BadPair(f"prompt message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str) or not content.strip():
+            raise BadPair(f"prompt message {i} ({role}) has empty or non-string content")
+        if role == "system" and i != 0:
+            raise BadPair(f"prompt message {i}: a system turn may only come first")
+        out.append({"role": role, "content": content})
+    turns = [m["role"] for m in out if m["role"] != "system"]
+    if not turns or turns[0] != "user" or turns[-1] != "user":
+        raise BadPair("'prompt' must start and end with a user turn (after an optional system turn)")
+    for a, b in zip(turns, turns[1:]):
+        if a == b:
+            raise BadPair(f"prompt has two {a} turns in a row: user and assistant must alternate")
+    return out
+
+
+def _reply(raw: object, key: str) -> list[dict]:
+    if isinstance(raw, str):
+        raw = [{"role": "assistant", "content": raw}]
+    if not isinstance(raw, list) or len(raw) != 1 or not isinstance(raw[0], dict):
+        raise BadPair(f"'{key}' must be one assistant message (or a string)")
+    m = raw[0]
+    if m.get("role") != "assistant":
+        raise BadPair(f"'{key}' must be an assistant message, not {m.get('role')!r}")
+    if not isinstance(m.get("content"), str) or not m["content"].strip():
+        raise BadPair(f"'{key}' has empty or non-string content")
+    return [{"role": "assistant", "content": m["content"]}]
+
+
+def split(cfg, log) -> tuple[list[dict], list[dict], list[str]]:
+    train = read_preferences(cfg.train_file, skip_bad_rows=cfg.skip_bad_rows)
+    bad = list(train.bad_rows)
+    if cfg.eval_file:
+        ev = read_preferences(cfg.eval_file, skip_bad_rows=cfg.skip_bad_rows)
+        bad += ev.bad_rows
+        train_rows, eval_rows = train.rows, ev.rows
+    else:
+        order = list(range(len(train.rows)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = int(round(len(order) * cfg.eval_split)) if len(order) > 1 else 0
+        eval_rows = [train.rows[i] for i in order[:n_eval]]
+        train_rows = [train.rows[i] for i in order[n_eval:]]
+    if bad:
+        log(f"data: skipped {len(bad)} bad rows (skip_bad_rows=true); first: {bad[0]}")
+    if cfg.system_prompt is not None:  # as in SFT: the configured system turn where a row has none
+        from training.data.processor import with_system
+
+        for r in train_rows + eval_rows:
+            r["prompt"] = with_system(r["prompt"], cfg.system_prompt)
+    return train_rows, eval_rows, bad
+
+
+def train_dpo(cfg, *, log=print) -> Path:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, set_seed
+    from transformers.trainer_callback import ProgressCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from training import peft_setup
+    from training.callbacks import MetricsCallback, QuietProgress
+    from training.data.dataset import file_sha256
+    from training.tracking import ConsoleLogger, FanOut, JsonlLogger
+    from training.trainer import _final_train_loss, _resume_point, stop_tokens
+
+    t_start = time.time()
+    base_dir = resolve_base_model(cfg.base_model, log=log)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if not tokenizer.chat_template:
+        raise GuardtuneError(f"base model {cfg.base_model}: tokenizer has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    train_rows, eval_rows, bad = split(cfg, log)
+    files = [cfg.train_file] + ([cfg.eval_file] if cfg.eval_file else [])
+    data_fp = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16]
+    log(f"data: {len(train_rows)} train / {len(eval_rows)} eval preference pairs, {len(bad)} bad rows skipped")
+
+    run_dir = cfg.checkpoint_dir
+    resume_from = _resume_point(cfg, run_dir, log)
+    set_seed(cfg.seed)
+    model = peft_setup.load_base(cfg, base_dir)
+
+    steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
+    loggers = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
+    if cfg.report_to == "swanlab":
+        from training.tracking import SwanLabLogger
+
+        loggers.append(SwanLabLogger(run_dir / "swanlog", cfg.swanlab_project, cfg.task))
+    tracker = FanOut(*loggers)
+    tracker.log_config(cfg.model_dump(mode="json") | {"train_rows": len(train_rows)})
+
+    on_cuda = torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(run_dir),
+        beta=cfg.beta,
+        loss_type=[cfg.dpo_loss],
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(cfg.warmup_ratio * total_steps),
+        max_steps=total_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps" if eval_rows else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # DPOConfig defaults to bf16; bf16 matmuls are several times slower on CPUs (peft_setup.compute_dtype).
+        bf16=on_cuda and peft_setup.compute_dtype(cfg) == torch.bfloat16,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_cuda,
+        disable_tqdm=False,
+    )
+    trainer = DPOTrainer(
+        model=model, args=args, processing_class=tokenizer, peft_config=peft_setup.peft_config(cfg),
+        train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
+        callbacks=[MetricsCallback(tracker)],
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(QuietProgress)
+    model = trainer.model
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"model: dpo {cfg.method} r={cfg.rank} alpha={cfg.alpha} beta={cfg.beta} loss={cfg.dpo_loss} on "
+        f"{cfg.base_model}: {trainable / 1e6:.2f}M of {total / 1e6:.1f}M parameters trainable; reference = base")
+
+    stops = stop_tokens(tokenizer, base_dir)
+    stop_ids = tokenizer.convert_tokens_to_ids(stops)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        history = trainer.state.log_history
+        metrics = Metrics(train_loss=_final_train_loss(history, result.training_loss))
+        last = next((h for h in reversed(history) if "rewards/margins" in h), {})
+        for src, dst in REWARD_METRICS.items():
+            if src in last:
+                setattr(metrics, dst, float(last[src]))
+        if eval_rows:
+            ev = trainer.evaluate()
+            metrics.eval_loss = ev["eval_loss"]
+            for src, dst in REWARD_METRICS.items():
+                if f"eval_{src}" in ev:
+                    setattr(metrics, f"eval_{dst}", float(ev[f"eval_{src}"]))
+            tracker.log({"eval_loss": metrics.eval_loss}, trainer.state.global_step)
+        metrics.train_runtime_s = round(time.time() - t_start, 1)
+        metrics.steps = trainer.state.global_step
+        if cfg.eval_forgetting:
+            from training.evaluate import forgetting_after_training
+
+            metrics.forgetting = forgetting_after_training(cfg, model, tokenizer, stop_ids, log=log)
+    finally:
+        tracker.close()
+
+    # The stage lives in train_config; a manifest schema that has its own `stage` field gets it there too.
+    extra = {"stage": "dpo"} if "stage" in Manifest.model_fields else {}
+    manifest = Manifest(
+        task=cfg.task,
+        base_model=BaseModelRef(id=cfg.base_model, path=str(base_dir), sha256=weights_sha256(base_dir)),
+        **peft_setup.manifest_fields(cfg),  # method, artifact, serve_with, rank, alpha, target_modules
+        chat_template=tokenizer.chat_template, system_prompt=cfg.system_prompt, stop_tokens=stops,
+        max_context=int(getattr(model.config, "max_position_embeddings", cfg.max_length)),
+        data_fingerprint=data_fp, metrics=metrics, train_config=cfg.model_dump(mode="json"), **extra,
+    )
+    with atomic_dir(cfg.adapter_dir) as tmp:
+        model.save_pretrained(tmp)
+        manifest.write(tmp)
+    log(f"adapter: wrote {cfg.adapter_dir} (dpo loss {metrics.train_loss:.4f}, reward margin "
+        f"{getattr(metrics, 'reward_margin', float('nan')):.4f}, reward accuracy "
+        f"{getattr(metrics, 'reward_accuracy', float('nan')):.2f})")
+
+    if cfg.generation_samples:
+        from training.generate import compare, print_comparison
+
+        prompts = [r["prompt"] for r in (eval_rows or train_rows)[: cfg.generation_samples]]
+        print_comparison(compare(model, tokenizer, prompts, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
+
+    if cfg.merge:
+        from training.export import merge
+
+        merge(cfg.adapter_dir, Path(f"{cfg.adapter_dir}-merged"), log=log)
+    return cfg.adapter_dir
