@@ -14,6 +14,7 @@ demo: install
 
 test: install
 	@bash scripts/install_browser.sh
+	@bash scripts/install_postgres.sh
 	$(PY) -m pytest
 
 bench: install

@@ -2,7 +2,8 @@
 
 SQLite in WAL mode with synchronous=FULL, so a record that `write()` has returned for is on disk
 and survives a `kill -9` of the server right after. Filterable fields live in indexed columns; the
-whole record is kept as JSON next to them.
+whole record is kept as JSON next to them. Several replicas share one PostgreSQL store instead
+(`guardrails/stores/postgres.py`, chosen by a `postgresql://` URL; `guardrails.stores.open_audit_store`).
 
 A record, as serving writes it (every key but request_id is optional; what is given is stored):
 
@@ -35,7 +36,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 from guardtune.errors import GuardtuneError
 
@@ -61,6 +62,21 @@ CREATE INDEX IF NOT EXISTS audit_session_ts ON audit (session_id, ts);
 """
 
 
+class AuditBackend(Protocol):
+    """What serving, the CLI and `export_badcases` use; SQLite (AuditStore) and PostgreSQL implement it."""
+
+    def write(self, record: dict[str, Any]) -> None: ...
+    def get(self, request_id: str) -> dict[str, Any] | None: ...
+    def query(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
+              session_id: str | None = None, since: float | None = None,
+              limit: int = 100, offset: int = 0) -> list[dict[str, Any]]: ...
+    def count(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
+              session_id: str | None = None, since: float | None = None) -> int: ...
+    def iter_records(self, *, outcome: str | Iterable[str] | None = None, since: float | None = None,
+                     page: int = 500) -> Iterator[dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
 class AuditStore:
     """Thread-safe: one connection behind a lock (SQLite serialises writers anyway; records are small)."""
 
@@ -80,22 +96,7 @@ class AuditStore:
 
     def write(self, record: dict[str, Any]) -> None:
         """Store one record; a second write with the same request_id replaces it (retries are idempotent)."""
-        rid = record.get("request_id") if isinstance(record, dict) else None
-        if not isinstance(rid, str) or not rid:
-            raise GuardtuneError("audit record needs a non-empty string 'request_id'")
-        record = dict(record)
-        record.setdefault("ts", time.time())
-        if not isinstance(record["ts"], (int, float)) or isinstance(record["ts"], bool):
-            raise GuardtuneError(f"audit record {rid}: 'ts' must be unix seconds (a number)")
-        try:
-            blob = json.dumps(record, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise GuardtuneError(f"audit record {rid}: not JSON-serialisable ({exc})") from None
-        blocked_by = record.get("blocked_by")
-        if blocked_by is None and isinstance(record.get("input"), dict):
-            blocked_by = record["input"].get("blocked_by")
-        row = (rid, float(record["ts"]), _text(record.get("task")), _text(record.get("session_id")),
-               _text(record.get("stage")), _text(record.get("outcome")), _text(blocked_by), blob)
+        row = audit_row(record)
         with self._lock:
             self._db().execute("INSERT OR REPLACE INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
 
@@ -155,30 +156,50 @@ class AuditStore:
         return self._conn
 
 
+def audit_row(record: dict[str, Any]) -> tuple:
+    """The validated column values of one record (every backend stores exactly these)."""
+    rid = record.get("request_id") if isinstance(record, dict) else None
+    if not isinstance(rid, str) or not rid:
+        raise GuardtuneError("audit record needs a non-empty string 'request_id'")
+    record = dict(record)
+    record.setdefault("ts", time.time())
+    if not isinstance(record["ts"], (int, float)) or isinstance(record["ts"], bool):
+        raise GuardtuneError(f"audit record {rid}: 'ts' must be unix seconds (a number)")
+    try:
+        blob = json.dumps(record, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise GuardtuneError(f"audit record {rid}: not JSON-serialisable ({exc})") from None
+    blocked_by = record.get("blocked_by")
+    if blocked_by is None and isinstance(record.get("input"), dict):
+        blocked_by = record["input"].get("blocked_by")
+    return (rid, float(record["ts"]), _text(record.get("task")), _text(record.get("session_id")),
+            _text(record.get("stage")), _text(record.get("outcome")), _text(blocked_by), blob)
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
 def _where(task: str | None, outcome: str | Iterable[str] | None, session_id: str | None,
-           since: float | None) -> tuple[str, list[Any]]:
+           since: float | None, mark: str = "?") -> tuple[str, list[Any]]:
     clauses, params = [], []
     for column, value in (("task", task), ("session_id", session_id)):
         if value is not None:
-            clauses.append(f"{column} = ?")
+            clauses.append(f"{column} = {mark}")
             params.append(value)
     if outcome is not None:
         values = [outcome] if isinstance(outcome, str) else list(outcome)
-        clauses.append(f"outcome IN ({', '.join('?' * len(values))})")
+        clauses.append(f"outcome IN ({', '.join([mark] * len(values))})")
         params += values
     if since is not None:
-        clauses.append("ts >= ?")
+        clauses.append(f"ts >= {mark}")
         params.append(float(since))
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 # --- bad cases -> preference data ---------------------------------------------------------------
 
-def export_badcases(store: AuditStore, out_path: str | Path, *,
+def export_badcases(store: AuditBackend, out_path: str | Path, *,
                     outcomes: Iterable[str] = ("fallback", "blocked"), since: float | None = None,
                     skipped: list[str] | None = None) -> int:
     """Write records that fell back or were flagged as TRL conversational preference rows (JSONL).

@@ -46,7 +46,8 @@ def add_arguments(sub) -> None:
 
 
 def _db_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--db", default=default, metavar="PATH", help=f"audit store (default {DEFAULT_DB})")
+    p.add_argument("--db", default=default, metavar="PATH",
+                   help=f"audit store: a SQLite file (default {DEFAULT_DB}) or a postgresql:// URL")
 
 
 def parse_since(value: str) -> float:
@@ -63,12 +64,15 @@ def parse_since(value: str) -> float:
 
 
 def _open(db: str):
-    from guardrails.audit import AuditStore
+    from guardrails.stores import is_url, open_audit_store
 
-    # Reading must not create an empty store where the user mistyped a path.
-    if not Path(db).is_file():
+    # Reading must not create an empty store where the user mistyped a path (a postgresql:// URL is a server).
+    if not is_url(db) and not Path(db).is_file():
         raise GuardtuneError(f"audit db {db}: no such file")
-    return AuditStore(db)
+    try:
+        return open_audit_store(db)
+    except ValueError as exc:  # a URL of another scheme
+        raise GuardtuneError(f"audit db {exc}") from None
 
 
 def run_audit(args: argparse.Namespace) -> int:

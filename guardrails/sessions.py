@@ -1,6 +1,7 @@
 """Per-session dialogue stage, so a stage inferred on one turn carries to the next.
 
-SQLite by default; `SessionStore` is the interface a shared backend (for several replicas) implements.
+SQLite by default; `SessionStore` is the interface a shared backend (for several replicas) implements:
+PostgreSQL in `guardrails/stores/postgres.py`, chosen by a `postgresql://` URL (`guardrails.stores`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Protocol
 class SessionStore(Protocol):
     def get_stage(self, session_id: str) -> str | None: ...
     def set_stage(self, session_id: str, stage: str) -> None: ...
+    def close(self) -> None: ...
 
 
 class SQLiteSessions:
@@ -33,3 +35,7 @@ class SQLiteSessions:
     def set_stage(self, session_id: str, stage: str) -> None:
         with self._lock:
             self._db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (session_id, stage, time.time()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

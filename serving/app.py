@@ -9,19 +9,21 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardtune.errors import GuardtuneError
 from serving.auth import require_admin, require_user
 from serving.config import ServeConfig
-from serving.errors import APIError, install_handlers
+from serving.errors import APIError, document_errors, errors, install_handlers
+from serving.gate import RequestGate
 from serving.limits import Admission, RateLimiter
 from serving.metrics import RequestRecord, ServeMetrics
 from serving.pipeline import Pipeline
-from serving.protocol import ChatCompletionRequest
+from serving.protocol import ChatCompletion, ChatCompletionRequest, Text
 from serving.registry import AdapterRejected, TaskRegistry
 
 log = logging.getLogger("guardtune.serve")
@@ -42,6 +44,8 @@ class ServerState:
     limiter: RateLimiter | None = None
     ready: bool = False
     started_at: float = field(default_factory=time.time)
+    watchdog: asyncio.Task | None = None
+    exit_code: int | None = None  # set when the server must stop with a failure status (on_engine_death: exit)
 
 
 class TaskPut(BaseModel):
@@ -85,12 +89,49 @@ async def start_state(state: ServerState) -> None:
 
         await asyncio.to_thread(embed, ["warm-up"])  # load the encoder now, not on the first guarded request
     state.ready = True
+    state.watchdog = asyncio.get_running_loop().create_task(watch_engine(state))
+
+
+ENGINE_DIED_EXIT = 3
+
+
+async def watch_engine(state: ServerState, interval: float = 0.2) -> None:
+    """The engine's process can die under the server (OOM killer, a crash). Stop admitting requests at once
+    (503), then either start a new engine with the same task mapping or exit non-zero for a supervisor."""
+    while True:
+        await asyncio.sleep(interval)
+        if not state.ready or state.engine.ready():
+            continue
+        state.ready = False
+        policy = state.cfg.on_engine_death
+        log.error("engine %s died; %s", state.engine.name,
+                  "restarting it" if policy == "restart" else f"exiting with status {ENGINE_DIED_EXIT}")
+        if policy == "restart":
+            try:
+                t0 = time.time()
+                await state.engine.restart()
+                for slot in list(state.registry.tasks.values()):  # same ids, so fingerprints stay valid
+                    await state.engine.load_adapter(slot.ref)
+                log.info("engine restarted in %.1f s; serving tasks: %s", time.time() - t0,
+                         ", ".join(state.registry.tasks) or "(none)")
+                state.ready = True
+                continue
+            except Exception as exc:  # noqa: BLE001 - a failed restart falls through to exit
+                log.error("engine restart failed: %s: %s", type(exc).__name__, exc)
+        state.exit_code = ENGINE_DIED_EXIT
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)  # uvicorn drains (in-flight streams end with their error event)
+        return
 
 
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    input: str | list[str] = Field(min_length=1)
-    model: str | None = None
+    # The schema states what the handler enforces: one non-empty string, or 1 to 32 of them.
+    input: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=32)]
+    model: Text | None = None
 
 
 def default_pipeline(cfg: ServeConfig) -> Pipeline:
@@ -134,8 +175,15 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         finally:
             state.ready = False
             task.cancel()
+            if state.watchdog is not None:
+                state.watchdog.cancel()
             if state.engine is not None:
                 await state.engine.shutdown()
+            if state.exit_code is not None:  # uvicorn would re-raise SIGTERM (a clean stop to systemd)
+                import os
+
+                logging.shutdown()
+                os._exit(state.exit_code)
 
     app = FastAPI(title="guardtune", version="0.1.0", lifespan=lifespan)
     app.state.gt = state
@@ -144,24 +192,23 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
 
     chat = ChatService(state)
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.limits.max_body_bytes):
-            return APIError(413, f"request body over {cfg.limits.max_body_bytes} bytes", code="body_too_large").response()
-        return await call_next(request)
+    # Keys by path prefix, then the body under a size cap and a deadline (serving/gate.py).
+    app.add_middleware(RequestGate, user_keys=user_keys, admin_key=admin_key, protect_ops=cfg.protect_ops,
+                       max_body_bytes=cfg.limits.max_body_bytes, body_timeout_s=cfg.limits.body_timeout_s)
+    document_errors(app, user_auth=bool(user_keys), admin_auth=admin_key is not None)
 
     @app.get("/health")
     async def health():
         return {"status": "ok", "uptime_s": round(time.time() - state.started_at, 1)}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "not ready", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["ready"], "properties": {"ready": {"const": False}}}}}}})
     async def ready():
         if not state.ready or not state.engine.ready():
             return JSONResponse({"ready": False}, status_code=503)
         return {"ready": True, "engine": state.engine.name, "tasks": sorted(state.registry.tasks)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=errors(401) if cfg.protect_ops else None)
     async def metrics(request: Request):
         if cfg.protect_ops:
             require_user(request, user_keys)
@@ -170,7 +217,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         return Response(generate_latest(state.metrics.registry) + generate_latest(REGISTRY),
                         media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=errors(503))
     async def models(request: Request):
         require_user(request, user_keys)
         _need_ready(state)
@@ -180,9 +227,11 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
                   "parent": cfg.base_model, **s.summary()} for t, s in state.registry.tasks.items()]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion,
+              responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 503, 504)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         who = require_user(request, user_keys)
+        _need_ready(state)
         try:
             state.limiter.check(who)
         except APIError as exc:
@@ -224,16 +273,16 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         except GuardtuneError as exc:
             raise APIError(400, str(exc), code=f"{name}_rejected") from None
 
-    @app.post("/admin/scripts/reload")
+    @app.post("/admin/scripts/reload", responses=errors(404))
     async def reload_scripts(request: Request):
         return await reload_stage(request, state.pipeline.post, "compliance", "no compliance stage is configured")
 
-    @app.post("/admin/rag/reload")
+    @app.post("/admin/rag/reload", responses=errors(404))
     async def reload_rag(request: Request):
         return await reload_stage(request, state.pipeline.pre, "retrieval",
                                   "no knowledge index is configured (rag: in the serve config)")
 
-    @app.get("/admin/audit")
+    @app.get("/admin/audit", responses=errors(404))
     async def audit(request: Request, task: str | None = None, outcome: str | None = None,
                     session_id: str | None = None, since: float | None = None, limit: int = 100,
                     request_id: str | None = None):
@@ -252,13 +301,13 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
                                           since=since, limit=limit)
         return {"records": records, "count": len(records)}
 
-    @app.get("/admin/tasks")
+    @app.get("/admin/tasks", responses=errors(503))
     async def list_tasks(request: Request):
         require_admin(request, admin_key)
         _need_ready(state)
         return {"tasks": [s.summary() for s in state.registry.tasks.values()]}
 
-    @app.put("/admin/tasks/{task}")
+    @app.put("/admin/tasks/{task}", responses=errors(409, 503))
     async def put_task(task: str, body: TaskPut, request: Request):
         require_admin(request, admin_key)
         _need_ready(state)
@@ -272,7 +321,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
         return slot.summary()
 
-    @app.delete("/admin/tasks/{task}")
+    @app.delete("/admin/tasks/{task}", responses=errors(404, 503))
     async def delete_task(task: str, request: Request):
         require_admin(request, admin_key)
         _need_ready(state)
@@ -290,7 +339,8 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         return {"now": time.time(), "records": state.metrics.recent(since),
                 "queue": {"waiting": state.admission.waiting, "running": state.admission.active}}
 
-    @app.get("/dashboard/plotly.min.js")
+    @app.get("/dashboard/plotly.min.js", response_class=Response,
+             responses={200: {"content": {"application/javascript": {}}}})
     async def plotly_js():
         import plotly
 
@@ -301,7 +351,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
 
 
 def _need_ready(state: ServerState) -> None:
-    if not state.ready:
+    if not state.ready or not state.engine.ready():  # the engine's own view catches a death at once
         raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
 
 

@@ -25,8 +25,11 @@ def serve(args: argparse.Namespace) -> int:
     cfg = load_serve_config(args.config, host=args.host, port=args.port, engine=args.engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("guardtune.serve").info("starting %s engine on %s:%d", cfg.engine, cfg.host, cfg.port)
+    from serving.gate import bounded_h11
+
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False,
-                timeout_keep_alive=5, timeout_graceful_shutdown=30)
+                timeout_keep_alive=5, timeout_graceful_shutdown=30, http=bounded_h11(cfg.limits.header_timeout_s),
+                h11_max_incomplete_event_size=cfg.limits.max_header_bytes)
     return 0
 
 

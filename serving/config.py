@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from guardrails.moderation import ModerationConfig
+from guardrails.stores import check_target
 from guardtune.configfile import explain, read_mapping
 from guardtune.errors import GuardtuneError
 from guardtune.models import DEFAULT_BASE_MODEL
@@ -18,12 +19,19 @@ from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
 class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body must arrive whole within this (slow clients get 408)")
+    header_timeout_s: float = Field(10.0, gt=0, description="the request line and headers must arrive within this")
+    max_header_bytes: int = Field(65536, ge=4096, description="request line plus headers; more gets 400")
     max_tokens_cap: int = Field(512, ge=1, description="upper bound on max_tokens; also the default")
     max_concurrency: int = Field(8, ge=1, description="requests generating at once")
     max_queue: int = Field(32, ge=0, description="requests waiting beyond max_concurrency; more get 429")
     queue_timeout_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     rate_limit_per_min: int = Field(0, ge=0, description="per API key; 0 = off")
+
+
+# A SQLite file path (a Path) or a postgresql:// URL (kept as a string; a Path would fold its '//').
+StoreTarget = Annotated[Path | str, BeforeValidator(check_target)]
 
 
 class TaskCompliance(BaseModel):
@@ -36,7 +44,8 @@ class ComplianceConfig(TaskCompliance):
     store: Path = Field(description="built by `guardtune scripts build LIBRARY --out STORE`")
     library: Path | None = Field(None, description="built into `store` at start-up when the store is missing")
     per_task: dict[str, TaskCompliance] = Field(default_factory=dict)
-    sessions_db: Path = Path("state/sessions.db")
+    sessions_db: StoreTarget = Field(Path("state/sessions.db"),
+                                     description="SQLite file, or a postgresql:// URL shared by replicas")
 
     def for_task(self, task: str) -> TaskCompliance:
         return self.per_task.get(task, TaskCompliance(mode=self.mode, threshold=self.threshold))
@@ -47,7 +56,7 @@ class GuardrailsConfig(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: ["*"], description="guarded tasks; '*' is every task and the base")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
     compliance: ComplianceConfig | None = None
-    audit_db: Path = Field(Path("audit/audit.db"), description="one record per guarded request (SQLite, WAL)")
+    audit_db: StoreTarget = Field(Path("audit/audit.db"), description="one record per guarded request: a SQLite file (WAL), or a postgresql:// URL shared by replicas")
 
 
 class RetrievalConfig(BaseModel):
@@ -70,6 +79,14 @@ class ServeConfig(BaseModel):
     max_lora_rank: int = Field(64, ge=1)
     max_model_len: int = Field(2048, ge=64)
     kv_cache_gb: float = Field(2.0, gt=0, description="vLLM CPU KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    # Past one GPU (vLLM only): GPUs used = tensor x pipeline; past one node use ray (deploy/README.md).
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs that split each layer (within a node)")
+    pipeline_parallel_size: int = Field(1, ge=1, description="vLLM: stages of layers (across GPUs or nodes)")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="vLLM workers: mp (one node) or ray (several nodes); default: vLLM's choice")
+    on_engine_death: Literal["restart", "exit"] = Field(
+        "restart", description="when the engine's process dies: start a new one with the same tasks, or exit "
+                               "with status 3 for a supervisor to restart the server")
     api_keys: list[str] = Field(default_factory=list, description="also GUARDTUNE_API_KEYS (comma-separated); empty = open")
     admin_key: str | None = Field(None, description="also GUARDTUNE_ADMIN_KEY; admin routes are refused without one")
     protect_ops: bool = Field(False, description="require an API key for /metrics")
@@ -77,12 +94,23 @@ class ServeConfig(BaseModel):
     guardrails: GuardrailsConfig | None = None
     rag: dict[str, RetrievalConfig] = Field(default_factory=dict, description="task -> knowledge index")
 
+    @model_validator(mode="after")
+    def _parallel_needs_vllm(self) -> ServeConfig:
+        if self.engine != "vllm" and (self.tensor_parallel_size > 1 or self.pipeline_parallel_size > 1
+                                      or self.distributed_executor_backend is not None):
+            raise ValueError("tensor_parallel_size, pipeline_parallel_size and distributed_executor_backend "
+                             "need engine: vllm")
+        return self
+
     def resolved_state_file(self) -> Path:
         return self.state_file or self.adapters_root / ".serve-state.json"
 
     def keys(self) -> tuple[set[str], str | None]:
         env = [k.strip() for k in os.environ.get("GUARDTUNE_API_KEYS", "").split(",") if k.strip()]
-        return set(self.api_keys) | set(env), os.environ.get("GUARDTUNE_ADMIN_KEY") or self.admin_key
+        users, admin = set(self.api_keys) | set(env), os.environ.get("GUARDTUNE_ADMIN_KEY") or self.admin_key
+        if admin is not None and admin in users:  # a user key must never open /admin
+            raise GuardtuneError("the admin key must differ from every API key (admin_key / GUARDTUNE_ADMIN_KEY)")
+        return users, admin
 
     def initial_tasks(self) -> dict[str, Path]:
         if self.tasks is not None:

@@ -4,22 +4,34 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def _unicode(v: str) -> str:
+    # JSON can carry a lone surrogate ("\ud800"): it cannot be encoded, tokenized or echoed back, so it is a 400.
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (not a lone surrogate escape)") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -27,31 +39,46 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+    include_usage: bool = Field(False, strict=True)
 
 
 class RequestMetadata(BaseModel):
     """guardtune's use of OpenAI's free-form `metadata`: who is talking and at which dialogue stage."""
-    model_config = ConfigDict(extra="allow")
-    session_id: str | None = Field(None, max_length=128)
-    dialogue_stage: str | None = Field(None, max_length=64)
+    model_config = ConfigDict(extra="allow", json_schema_extra={
+        "additionalProperties": {"type": "string", "maxLength": 512}, "propertyNames": {"maxLength": 64},
+        "maxProperties": 16})
+    session_id: Text | None = Field(None, max_length=128)
+    dialogue_stage: Text | None = Field(None, max_length=64)
+
+    @model_validator(mode="after")
+    def _openai_limits(self):
+        # OpenAI's rule: up to 16 pairs of short strings. It also keeps arbitrary nested JSON out of requests.
+        extra = self.model_extra or {}
+        too_many = len(self.model_fields_set) > 16  # the extras count among the fields set
+        if too_many or any(len(k) > 64 or not isinstance(v, str) or len(v) > 512
+                           or v.encode("utf-8", "replace").decode("utf-8") != v for k, v in extra.items()):
+            raise ValueError("metadata is up to 16 string values (keys up to 64, values up to 512 characters)")
+        return self
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str = Field(min_length=1, max_length=128)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "base", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}]})
+    model: Text = Field(min_length=1, max_length=128)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0)
-    top_p: float | None = Field(None, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    n: int = Field(1, ge=1, le=1)
-    stream: bool = False
+    # strict: "8", 8.0 or "yes" are not what the schema says, so they are 400s, not quietly coerced
+    max_tokens: int | None = Field(None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
+    # Below 1e-3 (Schemathesis sent 5e-324) the float32 sampler fails: a 500, so the floor is a 400.
+    top_p: float | None = Field(None, ge=1e-3, le=1.0, strict=True)
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    n: int = Field(1, ge=1, le=1, strict=True)
+    stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
     metadata: RequestMetadata | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -85,6 +112,29 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    """What completion_body() builds; declared in the OpenAPI schema so clients and fuzzers can check it."""
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
 
 
 def completion_body(rid: str, model: str, text: str, finish: str, usage: Usage, extra: dict | None = None) -> dict:

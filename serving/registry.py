@@ -66,25 +66,33 @@ class TaskRegistry:
     def validate(self, path: str | Path) -> tuple[Path, Manifest]:
         raw = Path(path)
         candidate = raw if raw.is_absolute() else self.root / raw
-        if not candidate.exists() and not raw.is_absolute() and raw.exists():
-            candidate = raw  # a path relative to the working directory, as the CLI passes it
-        real = candidate.resolve()  # follows symlinks, so a link out of the root is caught
+        try:  # a NUL byte, a name over the OS's length limit or a symlink loop is a bad path, not a crash
+            if not candidate.exists() and not raw.is_absolute() and raw.exists():
+                candidate = raw  # a path relative to the working directory, as the CLI passes it
+            real = candidate.resolve()  # follows symlinks, so a link out of the root is caught
+            is_dir = real.is_dir()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise AdapterRejected(400, f"adapter path is unusable: {type(exc).__name__}") from None
         if real != self.root and self.root not in real.parents:
             raise AdapterRejected(400, f"adapter path {path} is outside the adapters root {self.root}")
-        if not real.is_dir():
+        if not is_dir:
             raise AdapterRejected(400, f"adapter path {path}: no such directory")
         try:
             manifest = Manifest.read(real)
         except GuardtuneError as exc:
             raise AdapterRejected(400, str(exc)) from None
+        if manifest.is_full_model:
+            raise AdapterRejected(409, f"{path} is a full model ({manifest.method} fine-tune), not an adapter: "
+                                       f"serve it as the base model (`base_model: {real}` in the serve config)")
         if not (real / "adapter_config.json").is_file() or not any(real.glob("adapter_model.*")):
             raise AdapterRejected(400, f"adapter {path}: adapter_config.json or adapter weights missing")
         if manifest.serve_with != "vllm" and self.engine.name == "vllm":
-            raise AdapterRejected(409, f"adapter {path} ({manifest.method}) needs the transformers engine")
+            raise AdapterRejected(409, f"adapter {path} ({manifest.method}) cannot be served by vLLM, which serves "
+                                       "only LoRA adapters: set `engine: transformers` in the serve config")
         if manifest.base_model.sha256 != self.base_sha256:
             raise AdapterRejected(409, f"adapter {path} was trained on another base "
                                        f"({manifest.base_model.id}, sha256 {manifest.base_model.sha256[:12]}...)")
-        if manifest.rank > self.max_lora_rank:
+        if manifest.rank is not None and manifest.rank > self.max_lora_rank:
             raise AdapterRejected(409, f"adapter {path} has rank {manifest.rank} > max_lora_rank {self.max_lora_rank}")
         return real, manifest
 

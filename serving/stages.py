@@ -52,11 +52,11 @@ class ComplianceStage:
 
     def __init__(self, cfg, tasks: list[str], output_scanners=None):
         from guardrails.compliance import Compliance
-        from guardrails.sessions import SQLiteSessions
+        from guardrails.stores import open_session_store
 
         self.cfg, self.tasks = cfg, set(tasks)
         self.compliance = Compliance(self._load_store(), output_scanners=output_scanners)
-        self.sessions = SQLiteSessions(cfg.sessions_db)
+        self.sessions = open_session_store(cfg.sessions_db)  # SQLite file, or PostgreSQL shared by replicas
 
     def _load_store(self):
         from guardrails.scripts import ScriptStore, build_store
@@ -102,9 +102,9 @@ class Audit:
     """Every guarded request leaves one durable record (written before the reply is finished)."""
 
     def __init__(self, path, tasks: list[str]):
-        from guardrails.audit import AuditStore
+        from guardrails.stores import open_audit_store
 
-        self.store, self.tasks = AuditStore(path), set(tasks)
+        self.store, self.tasks = open_audit_store(path), set(tasks)  # SQLite file or postgresql:// URL
 
     def applies(self, task: str) -> bool:
         return guarded(self.tasks, task)

@@ -1,7 +1,11 @@
-"""Plain transformers + peft engine, for machines where vLLM cannot run (chosen by config).
+"""Plain transformers + peft engine, for machines where vLLM cannot run, and for the PEFT methods
+vLLM cannot serve (prompt_tuning, p_tuning, prefix_tuning, llama_adapter); chosen by config.
 
-One request decodes at a time (adapters are switched per request on a shared PeftModel), in a
-worker thread so the event loop keeps serving; deltas reach the caller through an asyncio queue.
+One request decodes at a time, in a worker thread so the event loop keeps serving; deltas reach the
+caller through an asyncio queue. LoRA-family adapters are switched per request on one shared
+PeftModel. Each prompt-learning adapter is its own PeftModel over the same base weights (PEFT cannot
+mix adapter types in one model), with the LoRA layers switched off while it decodes. A llama_adapter
+wraps the attention modules of the model it is given, so it gets its own copy of the base.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ class TransformersEngine:
     def __init__(self, cfg, base_dir):
         self.cfg, self.base_dir = cfg, base_dir
         self.model = self.tokenizer = None
-        self.adapters: dict[int, str] = {}  # lora_id -> peft adapter name
+        self.base = None  # the base model; LoRA layers are injected into it in place
+        self.adapters: dict[int, str] = {}  # lora_id -> peft adapter name on the shared PeftModel (LoRA family)
+        self.prompt_models: dict[int, object] = {}  # lora_id -> own PeftModel (prompt methods, llama_adapter)
         self._lock = threading.Lock()
         self.load_seconds: float | None = None
 
@@ -30,13 +36,26 @@ class TransformersEngine:
         self.load_seconds = time.time() - t0
 
     def _load(self) -> None:
+        from transformers import AutoTokenizer
+
+        self.model = self.base = self._fresh_base()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+
+    def _fresh_base(self):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
-        self.model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
+        return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+
+    async def restart(self) -> None:
+        """In-process, this engine does not die; a restart reloads the base (the caller reloads adapters)."""
+        with self._lock:
+            self.model = self.base = None
+            self.adapters.clear()
+            self.prompt_models.clear()
+        await self.start()
 
     def ready(self) -> bool:
         return self.model is not None
@@ -47,7 +66,17 @@ class TransformersEngine:
     def _load_adapter(self, adapter: AdapterRef) -> None:
         from peft import PeftModel
 
+        from guardtune.manifest import PROMPT_METHODS, Manifest
+
         name = f"a{adapter.lora_id}"
+        method = Manifest.read(adapter.path).method
+        if method in PROMPT_METHODS:
+            # Loaded outside the lock: llama_adapter's own base copy takes a while, and touches no shared state.
+            own = self._fresh_base() if method == "llama_adapter" else None
+            with self._lock:
+                pm = PeftModel.from_pretrained(own if own is not None else self.base, adapter.path, adapter_name=name)
+                self.prompt_models[adapter.lora_id] = pm.eval()
+            return
         with self._lock:
             if isinstance(self.model, PeftModel):
                 self.model.load_adapter(adapter.path, adapter_name=name)
@@ -59,6 +88,7 @@ class TransformersEngine:
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         def _drop():
             with self._lock:
+                self.prompt_models.pop(adapter.lora_id, None)
                 name = self.adapters.pop(adapter.lora_id, None)
                 if name is not None:
                     self.model.delete_adapter(name)
@@ -97,11 +127,18 @@ class TransformersEngine:
         from peft import PeftModel
 
         model, tok = self.model, self.tokenizer
-        if adapter is not None:
+        lora_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+
+        def step(ids, past):
+            return model(input_ids=ids, past_key_values=past, use_cache=True)
+
+        if adapter is not None and adapter.lora_id in self.prompt_models:
+            ctx, step = lora_off, _prompt_step(self.prompt_models[adapter.lora_id])
+        elif adapter is not None:
             model.set_adapter(self.adapters[adapter.lora_id])
             ctx = contextlib.nullcontext()
         else:
-            ctx = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+            ctx = lora_off
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         ids = torch.tensor([prompt_ids], device=model.device)
         out_ids: list[int] = []
@@ -112,7 +149,7 @@ class TransformersEngine:
             for _ in range(params.max_tokens):
                 if cancelled.is_set():
                     return
-                res = model(input_ids=ids, past_key_values=past, use_cache=True)
+                res = step(ids, past)
                 past = res.past_key_values
                 logits = res.logits[0, -1].float()
                 nxt = _sample(logits, params, gen)
@@ -138,6 +175,32 @@ class TransformersEngine:
 
     async def shutdown(self) -> None:
         self.model = None
+
+
+def _prompt_step(pm):
+    """One decode step for a PEFT model whose adapter lives in its inputs or its cache.
+
+    PeftModel.forward re-adds the virtual tokens on every call, which is right for training and for
+    `generate` (which patches its input preparation) but wrong for a step-by-step KV-cache loop: here
+    the first step adds them, the cache carries them, and later steps feed only the new token.
+    """
+    import torch
+    from peft import PeftType
+
+    kind = pm.active_peft_config.peft_type
+    if kind == PeftType.ADAPTION_PROMPT:  # lives in the attention modules: a plain step is right
+        return lambda ids, past: pm(input_ids=ids, past_key_values=past, use_cache=True)
+    base = pm.get_base_model()
+
+    def step(ids, past):
+        if past is not None:
+            return base(input_ids=ids, past_key_values=past, use_cache=True)
+        if kind == PeftType.PREFIX_TUNING:  # trained prefixes pre-fill every layer's cache
+            return base(input_ids=ids, past_key_values=pm.get_prompt(batch_size=1), use_cache=True)
+        embeds = pm.word_embeddings(ids)  # prompt_tuning, p_tuning: virtual tokens before the prompt
+        virtual = pm.get_prompt(batch_size=1).to(embeds.dtype)
+        return base(inputs_embeds=torch.cat([virtual, embeds], dim=1), use_cache=True)
+    return step
 
 
 def _sample(logits, params: GenParams, gen) -> int:

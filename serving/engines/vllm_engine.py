@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import time
 from typing import AsyncIterator
@@ -15,6 +17,28 @@ def _cpu_env(kv_cache_gb: float) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}" if n > 1 else "0")
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(kv_cache_gb))))
+
+
+def parallel_args(cfg) -> dict:
+    """vLLM's parallelism settings from the serve config (deploy/README.md: past one GPU, past one node)."""
+    args = {"tensor_parallel_size": cfg.tensor_parallel_size, "pipeline_parallel_size": cfg.pipeline_parallel_size}
+    if cfg.distributed_executor_backend is not None:  # None leaves vLLM's own choice (uni, mp or ray)
+        args["distributed_executor_backend"] = cfg.distributed_executor_backend
+    return args
+
+
+def _descendants() -> list:
+    import psutil
+
+    return psutil.Process().children(recursive=True)
+
+
+def _is_mp_helper(proc) -> bool:
+    """multiprocessing's resource tracker is shared by the whole server, not part of one engine."""
+    try:
+        return "resource_tracker" in " ".join(proc.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return True
 
 
 class VLLMEngine:
@@ -44,9 +68,32 @@ class VLLMEngine:
             max_num_seqs=self.cfg.limits.max_concurrency,
             disable_log_stats=False,
             seed=0,
+            **parallel_args(self.cfg),
         )
-        self.llm = AsyncLLM.from_engine_args(args)
+        # Built in a worker thread: it blocks for the whole model load, and a restart after the engine
+        # core died must not stall the event loop (requests meanwhile get a quick 503).
+        before = {p.pid for p in _descendants()}
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        # Its processes, kept by identity: when the engine core is killed, its workers are re-parented away
+        # from this process and would live on, holding a copy of the model, unless reaped here.
+        self._procs = [p for p in _descendants() if p.pid not in before and not _is_mp_helper(p)]
         self.load_seconds = time.time() - t0
+
+    async def restart(self) -> None:
+        """After the engine core process died: release what is left of the old engine, start a fresh one."""
+        old, self.llm = self.llm, None
+        if old is not None:
+            await asyncio.to_thread(old.shutdown)
+        self._reap()
+        await self.start()
+
+    def _reap(self) -> None:
+        import psutil
+
+        for p in getattr(self, "_procs", []):
+            with contextlib.suppress(psutil.Error):
+                p.kill()  # psutil checks the pid still names the same process (create time) before signalling
+        self._procs = []
 
     def ready(self) -> bool:
         return self.llm is not None and not self.llm.errored
@@ -63,8 +110,9 @@ class VLLMEngine:
                             seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
                             output_kind=RequestOutputKind.DELTA)
         n_out = 0
+        llm = self.llm  # a restart swaps self.llm; judge a failure by the engine that failed
         try:
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+            async for out in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
                                                lora_request=self._lora(adapter)):
                 c = out.outputs[0]
                 n_out += len(c.token_ids)
@@ -73,8 +121,8 @@ class VLLMEngine:
                     finish = "length" if c.finish_reason == "length" else "stop"
                 yield Delta(c.text, n_out, finish)
         except Exception as exc:
-            if self.llm.errored:
-                raise EngineDead(f"vLLM engine died: {exc}") from exc
+            if llm.errored:
+                raise EngineDead(f"vLLM engine died: {type(exc).__name__}") from exc
             raise
 
     def _lora(self, adapter: AdapterRef | None):
@@ -98,3 +146,4 @@ class VLLMEngine:
         if self.llm is not None:
             self.llm.shutdown()
             self.llm = None
+        self._reap()  # after a normal shutdown nothing is left; after a death the orphaned workers are
