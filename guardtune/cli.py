@@ -32,6 +32,7 @@ def _base(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from guardrails import audit_cli, scripts_cli
+    from guardtune import demo
     from rag import cli as rag_cli
     from serving import cli as serving_cli
     from training import cli as train_cli
@@ -48,11 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge", required=True, metavar="OUT", help="output directory for the merged model")
     e.set_defaults(fn=_export)
 
-    v = sub.add_parser("eval", help="loss, perplexity and sample replies of an adapter on held-out rows")
-    v.add_argument("adapter")
-    v.add_argument("data", help="JSONL in the training shapes")
+    v = sub.add_parser("eval", help="loss, perplexity, BLEU/ROUGE and sample replies of an adapter on held-out "
+                                    "rows; or --forgetting ADAPTER: base vs adapter on a general set")
+    v.add_argument("adapter", nargs="?", help="adapter dir (with --forgetting: the general set, optional)")
+    v.add_argument("data", nargs="?", help="JSONL in the training shapes")
     v.add_argument("--max-rows", type=int, default=200)
     v.add_argument("--samples", type=int, default=3, help="generation samples to print")
+    v.add_argument("--gen-rows", type=int, default=50, help="rows whose greedy replies get BLEU/ROUGE (0: none)")
+    v.add_argument("--max-new-tokens", type=int, default=64, help="length cap of greedy replies")
+    v.add_argument("--batch-size", type=int, default=8, help="generation batch size")
+    v.add_argument("--forgetting", metavar="ADAPTER",
+                   help="compare base and ADAPTER on a general set (default examples/data/general_eval.jsonl)")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(fn=_eval)
 
@@ -68,9 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.add_arguments(sub)
     rag_cli.add_arguments(sub)
 
+    d = sub.add_parser("demo", help="train, build the stores, serve, and play a guarded conversation (README's first command)")
+    demo.add_arguments(d)
+    d.set_defaults(fn=demo.run)
+
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     b.set_defaults(fn=_base)
+
+    from training import estimate
+
+    m = sub.add_parser("estimate", help="predict peak training memory per device: weights, gradients, optimizer, "
+                                        "activations, runtime")
+    estimate.add_arguments(m)
+    m.set_defaults(fn=estimate.run)
     return p
 
 
