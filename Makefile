@@ -19,7 +19,13 @@ test: install
 
 bench: install
 	$(PY) bench/train_bench.py
+	$(PY) bench/train_bench.py --packing
 	$(PY) bench/serve_bench.py
+	$(PY) bench/guard_bench.py
+	$(PY) -m bench.data_bench
+	$(PY) -m bench.distributed_bench
+	$(PY) -m bench.estimate_bench
+	$(PY) -m bench.load_bench
 
 clean:
 	rm -rf runs adapters .pytest_cache

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import secrets
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -201,7 +202,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v2-steps", type=int, default=20, help="training steps of the hot-swap adapter")
 
 
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM both end the demo through KeyboardInterrupt, so the server it started
+    (in its own session, out of reach of the terminal's signals) is always drained and stopped.
+    Set explicitly: a shell that starts us in the background leaves SIGINT ignored."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
+    _interruptible()
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        say("\ndemo: interrupted; the server was stopped")
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from serving.launcher import ServerProcess
 
     workdir = args.workdir.resolve()
@@ -239,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
             "[{\"role\": \"user\", \"content\": \"Do you install EV chargers?\"}]}'\n"
             "Serving until Ctrl-C.")
         try:
-            server.proc.wait()
-        except KeyboardInterrupt:
+            code = server.proc.wait()
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM from a supervisor (see _interruptible)
             say("\nstopping (graceful drain)...")
+        else:
+            raise GuardtuneError(f"the server exited on its own with code {code}; see {server.log_path}")
+    say("demo: stopped")
     return 0

@@ -35,6 +35,13 @@ class ServerProcess:
                                      cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
                                      env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            self._wait_ready(ready_timeout)
+        except BaseException:  # not ready, or interrupted while waiting: leave no server behind
+            self.stop()
+            raise
+
+    def _wait_ready(self, ready_timeout: float) -> None:
         deadline = time.time() + ready_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -45,7 +52,6 @@ class ServerProcess:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        self.stop()
         raise RuntimeError(f"server not ready in {ready_timeout} s:\n{self.log()[-4000:]}")
 
     def log(self) -> str:

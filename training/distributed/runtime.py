@@ -94,9 +94,9 @@ def training_arguments(cfg, model, kwargs: dict) -> dict:
 def cpu_fsdp(trainer) -> None:
     """Switch FSDP on for a CPU run, after the Trainer made its Accelerator and before it wraps the model.
 
-    accelerate 1.15 (state.py, AcceleratorState.__init__) sets DistributedType.FSDP and keeps the
-    plugin only for MULTI_GPU-like types: on CPU (MULTI_CPU) it drops the plugin and the run would be
-    plain DDP. torch's FSDP2 `fully_shard` itself shards on a CPU mesh over gloo, so the state is
+    accelerate 1.15 (state.py:986-1016, AcceleratorState.__init__) sets DistributedType.FSDP and keeps
+    the plugin only for MULTI_GPU-like types: on CPU (MULTI_CPU) it drops the plugin and the run would
+    be plain DDP. torch's FSDP2 `fully_shard` itself shards on a CPU mesh over gloo, so the state is
     given the plugin built from the same TrainingArguments; the Trainer then prepares, trains and
     saves (full state dict gathered on rank 0) exactly as it does on CUDA.
     """
@@ -111,8 +111,8 @@ def cpu_fsdp(trainer) -> None:
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise GuardtuneError(f"{FSDP_CPU_NEEDS_2}; accelerate sees {state.distributed_type.value}")
     state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    # Every later AcceleratorState() copies PartialState's fields back in, so both record FSDP; accelerate
-    # treats FSDP like MULTI_CPU for barriers and, on CPU tensors, for collectives.
+    # Every later AcceleratorState() copies PartialState's fields back in (state.py:919), so both record
+    # FSDP; accelerate treats FSDP like MULTI_CPU for barriers and, on CPU tensors, for collectives.
     PartialState().distributed_type = state.distributed_type = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
 
