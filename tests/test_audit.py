@@ -118,8 +118,8 @@ def test_concurrent_writes_from_threads(store):
 
 WRITER = """
 import sys
-from guardrails.audit import AuditStore
-store = AuditStore(sys.argv[1])
+from guardrails.stores import open_audit_store
+store = open_audit_store(sys.argv[1])
 for i in range(100000):
     rid = f"crash-{i}"
     store.write({"request_id": rid, "ts": float(i), "outcome": "passed", "sent": "x" * 200})
@@ -127,9 +127,12 @@ for i in range(100000):
 """
 
 
-def test_acknowledged_records_survive_sigkill(tmp_path):
-    db = tmp_path / "crash.db"
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db)], cwd=ROOT,
+def assert_acknowledged_survive_sigkill(target: str) -> None:
+    """A writer prints each id once write() returned; after kill -9 every printed id is in the store
+    (a SQLite path or a PostgreSQL URL)."""
+    from guardrails.stores import open_audit_store
+
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, target], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     acked: list[str] = []
     try:
@@ -143,13 +146,17 @@ def test_acknowledged_records_survive_sigkill(tmp_path):
         proc.kill()
         rest, _ = proc.communicate(timeout=30)
     # Lines already printed before the kill were acknowledged too; a cut-off last line was not.
-    acked += [l for l in rest.split("\n")[:-1] if l]
+    acked += [line for line in rest.split("\n")[:-1] if line]
     assert proc.returncode == -signal.SIGKILL
     assert len(acked) >= 50
-    with AuditStore(db) as store:
+    with open_audit_store(target) as store:
         missing = [rid for rid in acked if store.get(rid) is None]
         assert not missing, f"{len(missing)} acknowledged records lost, e.g. {missing[:3]}"
         assert store.count() >= len(acked)
+
+
+def test_acknowledged_records_survive_sigkill(tmp_path):
+    assert_acknowledged_survive_sigkill(str(tmp_path / "crash.db"))
 
 
 def badcase_store(store: AuditStore) -> None:

@@ -13,7 +13,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -226,36 +225,8 @@ def test_two_serving_replicas_carry_the_dialogue_stage(pg_url, tmp_path):
 
 # --- durability, errors, CLI -----------------------------------------------------------------------
 
-WRITER = """
-import sys
-from guardrails.stores import open_audit_store
-store = open_audit_store(sys.argv[1])
-for i in range(100000):
-    rid = f"crash-{i}"
-    store.write({"request_id": rid, "ts": float(i), "outcome": "passed", "sent": "x" * 200})
-    print(rid, flush=True)  # only after write() returned: this id is acknowledged
-"""
-
-
 def test_acknowledged_records_survive_sigkill(pg_url):
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, pg_url], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    acked: list[str] = []
-    try:
-        while len(acked) < 50:
-            line = proc.stdout.readline()
-            if not line:
-                pytest.fail(f"writer exited early: {proc.wait()} {proc.stderr.read()}")
-            acked.append(line.strip())
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        rest, _ = proc.communicate(timeout=30)
-    acked += [line for line in rest.split("\n")[:-1] if line]
-    assert proc.returncode == -signal.SIGKILL
-    with open_audit_store(pg_url) as s:
-        missing = [rid for rid in acked if s.get(rid) is None]
-        assert not missing, f"{len(missing)} acknowledged records lost, e.g. {missing[:3]}"
+    sqlite_audit.assert_acknowledged_survive_sigkill(pg_url)
 
 
 def test_lost_connection_is_reopened(pg, store):

@@ -23,7 +23,7 @@ from pathlib import Path
 from guardtune.errors import GuardtuneError
 from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
-from guardtune.models import resolve_base_model, weights_sha256
+from guardtune.models import weights_sha256
 from training.data.readers import ROLES
 
 # TRL metric name -> manifest metric name
@@ -146,9 +146,8 @@ def split(cfg, log) -> tuple[list[dict], list[dict], list[str]]:
 
 
 def train_dpo(cfg, *, log=print) -> Path:
-    import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
     from transformers.trainer_callback import ProgressCallback
     from trl import DPOConfig, DPOTrainer
 
@@ -156,15 +155,10 @@ def train_dpo(cfg, *, log=print) -> Path:
     from training.callbacks import MetricsCallback, QuietProgress
     from training.data.dataset import file_sha256
     from training.tracking import ConsoleLogger, FanOut, JsonlLogger
-    from training.trainer import _final_train_loss, _resume_point, stop_tokens
+    from training.trainer import _final_train_loss, _resume_point, base_and_tokenizer, stop_tokens, trainer_arguments
 
     t_start = time.time()
-    base_dir = resolve_base_model(cfg.base_model, log=log)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if not tokenizer.chat_template:
-        raise GuardtuneError(f"base model {cfg.base_model}: tokenizer has no chat template")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    base_dir, tokenizer = base_and_tokenizer(cfg, log)
 
     train_rows, eval_rows, bad = split(cfg, log)
     files = [cfg.train_file] + ([cfg.eval_file] if cfg.eval_file else [])
@@ -186,37 +180,12 @@ def train_dpo(cfg, *, log=print) -> Path:
     tracker = FanOut(*loggers)
     tracker.log_config(cfg.model_dump(mode="json") | {"train_rows": len(train_rows)})
 
-    on_cuda = torch.cuda.is_available()
     args = DPOConfig(
-        output_dir=str(run_dir),
+        **trainer_arguments(cfg, run_dir, total_steps, has_eval=bool(eval_rows)),
         beta=cfg.beta,
         loss_type=[cfg.dpo_loss],
         label_smoothing=cfg.label_smoothing,
         max_length=cfg.max_length,
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=int(cfg.warmup_ratio * total_steps),
-        max_steps=total_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        eval_strategy="steps" if eval_rows else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        # DPOConfig defaults to bf16; bf16 matmuls are several times slower on CPUs (peft_setup.compute_dtype).
-        bf16=on_cuda and peft_setup.compute_dtype(cfg) == torch.bfloat16,
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=on_cuda,
-        disable_tqdm=False,
     )
     trainer = DPOTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_setup.peft_config(cfg),

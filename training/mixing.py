@@ -85,10 +85,15 @@ class MixPlan:
                         "share": round(want / total, 4) if total else 0.0,
                         "passes": round(want / len(pool), 3) if pool else 0.0})
         rng.shuffle(train)
-        log("data mix: " + "; ".join(
-            f"{m['source']} ratio {m['ratio']:g} -> {m['rows']} rows ({100 * m['share']:.1f}%, "
-            f"{m['passes']:g}x of {m['rows_available']})" for m in mix))
+        log(describe(mix))
         return train, evals, bad, mix
+
+
+def describe(mix: list[dict]) -> str:
+    """The realised mix as one log line (also printed on a tokenised-cache hit)."""
+    return "data mix: " + "; ".join(
+        f"{m['source']} ratio {m['ratio']:g} -> {m['rows']} rows ({100 * m['share']:.1f}%, "
+        f"{m['passes']:g}x of {m['rows_available']})" for m in mix)
 
 
 def shares(total: int, ratios: list[float]) -> list[int]:

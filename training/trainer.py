@@ -73,9 +73,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         from training.dpo import train_dpo
 
         return train_dpo(cfg, log=log)
-    import torch
     from transformers import (
-        AutoTokenizer,
         Trainer,
         TrainingArguments,
         set_seed,
@@ -92,12 +90,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     if not dist.is_main():  # distributed: progress and logs come from rank 0 only
         log = lambda msg: None  # noqa: E731
     t_start = time.time()
-    base_dir = resolve_base_model(cfg.base_model, log=log)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    if not tokenizer.chat_template:
-        raise GuardtuneError(f"base model {cfg.base_model}: tokenizer has no chat template")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    base_dir, tokenizer = base_and_tokenizer(cfg, log)
 
     data = prepare(cfg, tokenizer, log=log)
     s = data.stats
@@ -129,34 +122,9 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     tracker = FanOut(*loggers)
     tracker.log_config(cfg.model_dump(mode="json") | {"trainable_params": trainable, "train_rows": s.train_rows})
 
-    on_cuda = torch.cuda.is_available()
+    common = trainer_arguments(cfg, run_dir, total_steps, has_eval=data.eval is not None)
     args = dist.resolved(TrainingArguments(**dist.training_arguments(cfg, model, dict(  # distributed: ds/fsdp/backend
-        output_dir=str(run_dir),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        lr_scheduler_type=cfg.lr_scheduler,
-        warmup_steps=int(cfg.warmup_ratio * total_steps),
-        max_steps=total_steps,
-        gradient_checkpointing=peft_setup.trainer_checkpointing(cfg),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        eval_strategy="steps" if data.eval is not None else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        logging_steps=cfg.logging_steps,
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        bf16=on_cuda and peft_setup.compute_dtype(cfg) == torch.bfloat16,
-        report_to="none",
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=on_cuda,
-        remove_unused_columns=False,
-        disable_tqdm=False,
-    ))))
+        common, gradient_checkpointing=peft_setup.trainer_checkpointing(cfg), remove_unused_columns=False))))
     collator = collator_for(cfg, tokenizer)  # packed rows (sft packing) or rows padded per batch
     trainer = Trainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=collator, callbacks=[MetricsCallback(tracker)])
@@ -219,6 +187,55 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         merge(cfg.adapter_dir, Path(f"{cfg.adapter_dir}-merged"), log=log)
     dist.finish()  # all ranks meet before exit
     return cfg.adapter_dir
+
+
+def base_and_tokenizer(cfg: TrainConfig, log) -> tuple[Path, object]:
+    """The resolved base directory and its tokenizer, which must carry a chat template."""
+    from transformers import AutoTokenizer
+
+    base_dir = resolve_base_model(cfg.base_model, log=log)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if not tokenizer.chat_template:
+        raise GuardtuneError(f"base model {cfg.base_model}: tokenizer has no chat template")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return base_dir, tokenizer
+
+
+def trainer_arguments(cfg: TrainConfig, run_dir: Path, total_steps: int, *, has_eval: bool) -> dict:
+    """The HF TrainingArguments that SFT/pt and DPO (TRL's DPOConfig) share, from the one config."""
+    import torch
+
+    from training import peft_setup
+
+    on_cuda = torch.cuda.is_available()
+    return dict(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=int(cfg.warmup_ratio * total_steps),
+        max_steps=total_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        # bf16 matmuls are several times slower on CPUs (peft_setup.compute_dtype); TRL defaults to bf16.
+        bf16=on_cuda and peft_setup.compute_dtype(cfg) == torch.bfloat16,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=on_cuda,
+        disable_tqdm=False,
+    )
 
 
 def _final_train_loss(history: list[dict], fallback: float) -> float:

@@ -93,6 +93,10 @@ def prepare(cfg, tokenizer, *, log=print) -> Prepared:
     if shards.is_complete(cache_dir):
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
         log(f"data: tokenised cache hit {cache_dir}")
+        if stats.data_mix:
+            from training.mixing import describe
+
+            log(describe(stats.data_mix))
         return Prepared(shards.load(cache_dir, stats.shards["train"]), shards.load(cache_dir, stats.shards["eval"]),
                         stats, data_fp, True)
 
