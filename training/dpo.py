@@ -24,14 +24,14 @@ from guardtune.errors import GuardtuneError
 from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
 from guardtune.models import weights_sha256
-from training.data.readers import ROLES
+from training.data.readers import BadRow, check_alternation, checked_turns
 
 # TRL metric name -> manifest metric name
 REWARD_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
                   "rewards/chosen": "reward_chosen", "rewards/rejected": "reward_rejected"}
 
 
-class BadPair(ValueError):
+class BadPair(BadRow):
     pass
 
 
@@ -59,7 +59,7 @@ def read_preferences(path: str | Path, *, skip_bad_rows: bool = False) -> Prefer
             except json.JSONDecodeError as exc:
                 raise BadPair(f"invalid JSON ({exc.msg})") from None
             out.rows.append(normalise_pair(raw))
-        except BadPair as exc:
+        except BadRow as exc:  # also the shared turn checks of training.data.readers
             where = f"{path}:{lineno}: {exc}"
             if not skip_bad_rows:
                 raise GuardtuneError(f"{where} (use skip_bad_rows=true to count and skip bad rows)") from None
@@ -88,24 +88,10 @@ def _prompt(raw: object) -> list[dict]:
         return [{"role": "user", "content": raw}]
     if not isinstance(raw, list) or not raw:
         raise BadPair("'prompt' must be a non-empty list of messages (or a string)")
-    out = []
-    for i, m in enumerate(raw):
-        if not isinstance(m, dict):
-            raise BadPair(f"prompt message {i} is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise BadPair(f"prompt message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        if not isinstance(content, str) or not content.strip():
-            raise BadPair(f"prompt message {i} ({role}) has empty or non-string content")
-        if role == "system" and i != 0:
-            raise BadPair(f"prompt message {i}: a system turn may only come first")
-        out.append({"role": role, "content": content})
-    turns = [m["role"] for m in out if m["role"] != "system"]
+    out, turns = checked_turns(raw, "prompt message")
     if not turns or turns[0] != "user" or turns[-1] != "user":
         raise BadPair("'prompt' must start and end with a user turn (after an optional system turn)")
-    for a, b in zip(turns, turns[1:]):
-        if a == b:
-            raise BadPair(f"prompt has two {a} turns in a row: user and assistant must alternate")
+    check_alternation(turns, "prompt has ")
     return out
 
 

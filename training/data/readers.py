@@ -129,27 +129,37 @@ def _alpaca(row: dict) -> list[Message]:
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
-def _messages(raw: object) -> list[Message]:
-    if not isinstance(raw, list) or not raw:
-        raise BadRow("'messages' must be a non-empty list")
+def checked_turns(raw: list, label: str = "message") -> tuple[list[Message], list[str]]:
+    """Validated messages and their non-system roles: known roles, non-empty text, a system turn only
+    first. Callers add their rules for the first and last turn, then check_alternation."""
     out: list[Message] = []
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise BadRow(f"message {i} is not an object")
+            raise BadRow(f"{label} {i} is not an object")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise BadRow(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+            raise BadRow(f"{label} {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
         if not isinstance(content, str) or not content.strip():
-            raise BadRow(f"message {i} ({role}) has empty or non-string content")
+            raise BadRow(f"{label} {i} ({role}) has empty or non-string content")
         if role == "system" and i != 0:
-            raise BadRow(f"message {i}: a system turn may only come first")
+            raise BadRow(f"{label} {i}: a system turn may only come first")
         out.append({"role": role, "content": content})
-    turns = [m["role"] for m in out if m["role"] != "system"]
-    if not turns or turns[0] != "user":
-        raise BadRow("conversation must start with a user turn (after an optional system turn)")
+    return out, [m["role"] for m in out if m["role"] != "system"]
+
+
+def check_alternation(turns: list[str], prefix: str = "") -> None:
     for a, b in zip(turns, turns[1:]):
         if a == b:
-            raise BadRow(f"two {a} turns in a row: user and assistant must alternate")
+            raise BadRow(f"{prefix}two {a} turns in a row: user and assistant must alternate")
+
+
+def _messages(raw: object) -> list[Message]:
+    if not isinstance(raw, list) or not raw:
+        raise BadRow("'messages' must be a non-empty list")
+    out, turns = checked_turns(raw)
+    if not turns or turns[0] != "user":
+        raise BadRow("conversation must start with a user turn (after an optional system turn)")
+    check_alternation(turns)
     if turns[-1] != "assistant":
         raise BadRow("conversation must end with an assistant turn")
     return out
