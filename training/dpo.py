@@ -24,7 +24,7 @@ from guardtune.errors import GuardtuneError
 from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
 from guardtune.models import weights_sha256
-from training.data.readers import BadRow, check_alternation, checked_turns
+from training.data.readers import BadRow, check_alternation, checked_turns, utf8_lines
 
 # TRL metric name -> manifest metric name
 REWARD_METRICS = {"rewards/margins": "reward_margin", "rewards/accuracies": "reward_accuracy",
@@ -43,12 +43,7 @@ class Preferences:
 
 def read_preferences(path: str | Path, *, skip_bad_rows: bool = False) -> Preferences:
     path = Path(path)
-    if not path.is_file():
-        raise GuardtuneError(f"data {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise GuardtuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    lines = utf8_lines(path, "data")
     out = Preferences(rows=[])
     for lineno, line in enumerate(lines, start=1):
         try:

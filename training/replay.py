@@ -55,13 +55,10 @@ def greedy_replies(model, tokenizer, prompts, *, system_prompt=None, stop_ids=No
 
 def read_prompts(path: Path) -> list[str]:
     """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    from training.data.readers import utf8_lines
+
     path = Path(path)
-    if not path.is_file():
-        raise GuardtuneError(f"replay prompts {path}: no such file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise GuardtuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    lines = utf8_lines(path, "replay prompts")
     prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not prompts:
         raise GuardtuneError(f"replay prompts {path}: no prompts (one per line)")

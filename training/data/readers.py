@@ -129,6 +129,16 @@ def _alpaca(row: dict) -> list[Message]:
     return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
 
 
+def utf8_lines(path: Path, what: str) -> list[str]:
+    """A small text file's lines; a missing or non-UTF-8 file is a one-line error naming `what`."""
+    if not path.is_file():
+        raise GuardtuneError(f"{what} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise GuardtuneError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
 def checked_turns(raw: list, label: str = "message") -> tuple[list[Message], list[str]]:
     """Validated messages and their non-system roles: known roles, non-empty text, a system turn only
     first. Callers add their rules for the first and last turn, then check_alternation."""
