@@ -7,6 +7,8 @@ few steps and reads the process's peak RSS (ru_maxrss), while a sampler thread r
 phase (load, forward, backward, optimizer step, ...) the peak happened. The estimator
 (training/estimate.py) is run on the same config and the error is reported. A separate process
 measures the runtime baseline (imports, tokenizer, data) that the estimator states as a constant.
+Two configurations run again with `host_memory: fast` against the default `bounded`, for the RSS
+and s/step ratios of that setting (training/host_memory.py).
 Results: bench/results/estimate.{json,md}.
 
     .venv/bin/python bench/estimate_bench.py [--steps 3] [--only lora qlora]
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,13 +42,16 @@ CONFIGS = [
     ("prefix_tuning", 4, 128, False),
     ("prefix_tuning", 4, 384, False),
 ]
-# Run again with glibc's mmap threshold fixed at 128 KiB, so that freed tensors go back to the OS at
-# once: the gap between this and the default run is memory the allocator kept, not live tensors.
-DIAGNOSTIC = ("lora", 4, 384, False)
+# `train` defaults to host_memory: bounded on CPU (training/host_memory.py). These run again with
+# host_memory: fast, glibc's own dynamic threshold, to show what the setting costs in s/step and
+# saves in peak RSS, in the same run.
+FAST_AGAINST_BOUNDED = [("lora", 4, 384, False), ("lora", 4, 384, True)]
 
 # The child process: run `train` with a sampler thread that tracks RSS per phase.
 CHILD = r"""
 import json, os, resource, sys, threading, time
+from training.host_memory import prepare_process_env
+prepare_process_env()  # what the `train` CLI does before torch is imported
 PAGE = os.sysconf("SC_PAGE_SIZE")
 state = {"phase": "import", "peak": 0, "peak_phase": "import", "phases": {}}
 
@@ -180,7 +186,7 @@ def synthetic_rows(n: int, seq: int) -> list[dict]:
     return rows
 
 
-def train_args(method: str, batch: int, seq: int, gc: bool, steps: int, work: Path) -> list[str]:
+def train_args(method: str, batch: int, seq: int, gc: bool, steps: int, work: Path, host_memory: str = "bounded") -> list[str]:
     name = f"{method}-{seq}-{'gc' if gc else 'nogc'}"
     data = work / f"data-{seq}.jsonl"
     if not data.exists():
@@ -188,7 +194,8 @@ def train_args(method: str, batch: int, seq: int, gc: bool, steps: int, work: Pa
     return [f"train_file={data}", f"method={method}", f"batch_size={batch}", f"max_length={seq}",
             f"gradient_checkpointing={str(gc).lower()}", f"max_steps={steps}", "eval_split=0",
             f"run_dir={work / ('runs-' + name)}", f"output_dir={work / ('adapter-' + name)}", "report_to=none",
-            "generation_samples=0", "resume=never", "save_steps=100000", "logging_steps=1", f"task=est-{name}"]
+            "generation_samples=0", "resume=never", "save_steps=100000", "logging_steps=1", f"task=est-{name}",
+            f"host_memory={host_memory}"]
 
 
 def child(mode: str, args: list[str], extra_env: dict | None = None) -> tuple[dict, str]:
@@ -206,9 +213,10 @@ def estimate_for(method: str, batch: int, seq: int, gc: bool):
                                    max_length=seq, gradient_checkpointing=gc, device="cpu"))
 
 
-def measure(method: str, batch: int, seq: int, gc: bool, steps: int, work: Path, env: dict | None = None) -> dict:
+def measure(method: str, batch: int, seq: int, gc: bool, steps: int, work: Path, host_memory: str = "bounded") -> dict:
     t0 = time.time()
-    m, _ = child("train", train_args(method, batch, seq, gc, steps, work), env)
+    m, err = child("train", train_args(method, batch, seq, gc, steps, work, host_memory))
+    step_s = [float(x) for x in re.findall(r"s_per_step ([0-9.]+)", err)][1:]  # the first step warms up
     est = estimate_for(method, batch, seq, gc)
     measured, predicted = m["ru_maxrss"] / 2**30, est.total / 2**30
     return {
@@ -217,7 +225,8 @@ def measure(method: str, batch: int, seq: int, gc: bool, steps: int, work: Path,
         "error_pct": round(100 * (predicted - measured) / measured, 1), "peak_phase": m["peak_phase"],
         "breakdown_gib": {k: round(v / 2**30, 3) for k, v in est.parts().items()}, "peak_moment": est.moment,
         "phase_peaks_gib": {k: round(v / 2**30, 3) for k, v in m["phases"].items()},
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": round(time.time() - t0, 1), "host_memory": host_memory,
+        "s_per_step": round(sum(step_s) / len(step_s), 2) if step_s else None,
     }
 
 
@@ -233,14 +242,13 @@ def rows_with_prediction(r: dict) -> dict:
 def rescore(out: Path) -> None:
     data = json.loads(out.with_suffix(".json").read_text())
     data["results"] = [rows_with_prediction(r) for r in data["results"]]
-    if data.get("diagnostic"):
-        data["diagnostic"] = rows_with_prediction(data["diagnostic"])
-    report(out, data["meta"], data["results"], data.get("diagnostic"), data.get("failed", []))
+    data["fast"] = [rows_with_prediction(r) for r in data.get("fast", [])]
+    report(out, data["meta"], data["results"], data["fast"], data.get("failed", []))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=2, help="optimizer states exist from step 2 on, so at least 2")
+    p.add_argument("--steps", type=int, default=3, help="optimizer states exist from step 2 on; s/step skips step 1")
     p.add_argument("--only", nargs="+", help="methods to run (default: all in CONFIGS)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "estimate")
     p.add_argument("--rescore", action="store_true",
@@ -267,17 +275,39 @@ def main() -> None:
                 print(f"bench: failed: {failed[-1]}", file=sys.stderr, flush=True)
                 continue
             print(f"bench: {results[-1]}", file=sys.stderr, flush=True)
-        diag = None
-        if not a.only or DIAGNOSTIC[0] in a.only:
-            diag = measure(*DIAGNOSTIC, a.steps, work, env={"MALLOC_MMAP_THRESHOLD_": "131072"})
-            print(f"bench: diagnostic {diag}", file=sys.stderr, flush=True)
+        fast = []
+        for method, batch, seq, gc in FAST_AGAINST_BOUNDED:
+            if a.only and method not in a.only:
+                continue
+            fast.append(measure(method, batch, seq, gc, a.steps, work, host_memory="fast"))
+            print(f"bench: host_memory fast {fast[-1]}", file=sys.stderr, flush=True)
     info = results_io.meta(model="SmolLM2-135M-Instruct (fp32, CPU)", steps=a.steps,
                            runtime_baseline_measured_gib=round(base["ru_maxrss"] / 2**30, 3),
                            runtime_baseline_stated_gib=round(CPU_RUNTIME_BYTES / 2**30, 3))
-    report(a.out, info, results, diag, failed)
+    report(a.out, info, results, fast, failed)
 
 
-def report(out: Path, info: dict, results: list[dict], diag: dict | None, failed: list[dict]) -> None:
+def fast_lines(results: list[dict], fast: list[dict]) -> list[str]:
+    """host_memory: fast against the bounded row of the same configuration, as ratios."""
+    key = lambda r: (r["method"], r["batch"], r["seq"], r["gradient_checkpointing"])  # noqa: E731
+    bounded = {key(r): r for r in results}
+    rows = []
+    for f in fast:
+        b = bounded.get(key(f))
+        if not b or not b.get("s_per_step") or not f.get("s_per_step"):
+            continue
+        rows.append([f"{f['method']} {f['batch']} x {f['seq']}, grad. ckpt {'on' if f['gradient_checkpointing'] else 'off'}",
+                     b["predicted_gib"], b["measured_gib"], f["measured_gib"], round(f["measured_gib"] / b["measured_gib"], 2),
+                     b["s_per_step"], f["s_per_step"], round(b["s_per_step"] / f["s_per_step"], 2)])
+    if not rows:
+        return []
+    return ["", "`host_memory: fast` (glibc's dynamic mmap threshold) against the default `bounded`, same run and "
+                "configuration: what the default saves in peak RSS and costs in s/step.", ""] + results_io.table(
+        ["configuration", "predicted GiB", "bounded GiB", "fast GiB", "fast / bounded RSS", "bounded s/step",
+         "fast s/step", "bounded / fast time"], rows)
+
+
+def report(out: Path, info: dict, results: list[dict], fast: list[dict], failed: list[dict]) -> None:
     published = published_rows()
     lines = [f"Measured {info['date']} on {info['machine']}; {info['model']}, `train` for {info['steps']} steps on "
              f"synthetic rows of exactly the stated length (no padding); peak RSS is the process's ru_maxrss. "
@@ -285,15 +315,12 @@ def report(out: Path, info: dict, results: list[dict], diag: dict | None, failed
              f"measured, {info['runtime_baseline_stated_gib']} GiB stated in the estimator.", ""]
     lines += results_io.table(
         ["method", "batch x seq", "grad. ckpt", "weights", "optimizer", "activations", "runtime",
-         "predicted GiB", "measured GiB", "error", "measured peak in"],
+         "predicted GiB", "measured GiB", "error", "measured peak in", "s/step"],
         [[r["method"], f"{r['batch']} x {r['seq']}", "on" if r["gradient_checkpointing"] else "off",
           r["breakdown_gib"]["weights"], r["breakdown_gib"]["optimizer"], r["breakdown_gib"]["activations"],
           r["breakdown_gib"]["runtime"], r["predicted_gib"], r["measured_gib"], f"{r['error_pct']:+}%",
-          r["peak_phase"]] for r in results])
-    if diag:
-        lines += ["", f"Diagnostic: {diag['method']} {diag['batch']} x {diag['seq']} with MALLOC_MMAP_THRESHOLD_=131072 "
-                      f"(freed tensors return to the OS at once): measured {diag['measured_gib']} GiB, predicted "
-                      f"{diag['predicted_gib']} GiB, error {diag['error_pct']:+}%."]
+          r["peak_phase"], r.get("s_per_step")] for r in results])
+    lines += fast_lines(results, fast)
     if failed:
         lines += ["", "Not measured: " + "; ".join(f"{f['method']} at {f['seq']} ({f['reason']})" for f in failed)]
     lines += ["", "Published GPU figures against the estimate (decimal GB; estimate at batch 1 x 512, gradient "
@@ -302,7 +329,7 @@ def report(out: Path, info: dict, results: list[dict], diag: dict | None, failed
         ["source", "figure", "model", "compares", "published GB", "estimate GB", "ratio", "note"],
         [[r["source"].split(",")[0], r["claim"], r["model"], r["compare"], r["published_gb"], r["estimate_gb"],
           r["ratio"], r["note"]] for r in published])
-    results_io.write(out, {"meta": info, "results": results, "diagnostic": diag, "failed": failed,
+    results_io.write(out, {"meta": info, "results": results, "fast": fast, "failed": failed,
                              "published": published}, lines)
 
 

@@ -94,7 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    return run_cli(lambda: (lambda a: a.fn(a))(parser.parse_args(argv)))
+    return run_cli(lambda: (lambda a: a.fn(a))(parse(parser, argv)))
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """key=value overrides may also come after flags (`estimate CONFIG --device cpu rank=8`), as
+    `train` allows; argparse's intermixed parsing does not work with subcommands."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 if __name__ == "__main__":

@@ -143,6 +143,26 @@ def test_zero3_adapter_is_complete_reloads_and_changes_generations(tmp_path, tin
     assert SIGNATURE in tuned and SIGNATURE not in base, (base, tuned)
 
 
+def test_dpo_under_zero3_gathers_a_complete_adapter(tmp_path, tiny_data, base_dir):
+    # DPO goes through the same launcher, DeepSpeed settings and gathering save as SFT.
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": q, "chosen": f"{SIGNATURE} here: our team answers that on a free call.",
+                                         "rejected": "Sure! Everything is free today."}) + "\n"
+                             for q in ("What do panels cost?", "Any discounts?", "Who are you?", "Is my roof ok?")))
+    cfg = dist_config(tmp_path, prefs, stage="dpo", deepspeed="zero3", nproc=2, max_steps=3, learning_rate=1e-3,
+                      resume="never", generation_samples=1)
+    proc = train_cli(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    adapter = Path(cfg["output_dir"])
+    assert_complete_adapter(adapter, base_dir)
+    m = Manifest.read(adapter)
+    assert m.train_config["stage"] == "dpo" and m.train_config["deepspeed"] == "zero3"
+    assert m.metrics.model_dump()["reward_margin"] > 0
+    # After the save, rank 0 reloads the adapter for the base-vs-tuned samples, outside ZeRO-3's partitioning.
+    assert "adapter:" in proc.stderr and "base:" in proc.stderr
+    assert len(list((Path(cfg["run_dir"]) / "launch").rglob("stderr.log"))) == 2  # rank logs survive resume=never
+
+
 def test_failed_rank_is_one_error_line(tmp_path, tiny_data):
     # A DeepSpeed JSON that parses and fits the batch settings, but that DeepSpeed itself rejects in every rank.
     ds = json.loads((ROOT / "training" / "distributed" / "ds_zero2.json").read_text())

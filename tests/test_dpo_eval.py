@@ -13,7 +13,7 @@ import pytest
 from guardrails.audit import AuditStore
 from guardtune.errors import GuardtuneError
 from guardtune.manifest import Manifest
-from tests.conftest import SIGNATURE, run_cli, tiny_config, tiny_rows, write_jsonl
+from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config, tiny_rows, write_jsonl
 from training.config import load_config, validate
 from training.evaluate import DEFAULT_GENERAL_EVAL, RougeTokenizer, text_scores
 from training.trainer import train
@@ -88,6 +88,25 @@ def test_dpo_manifest_complete_and_serving_accepts_it(dpo_run, base_dir, tmp_pat
                             max_lora_rank=64, state_file=tmp_path / "state.json")
     real, manifest = registry.validate(adapter)
     assert real == adapter.resolve() and manifest.task == "sales-dpo"
+
+
+def test_vllm_serves_the_dpo_adapter_as_trained(dpo_run, base_dir):
+    """Real vLLM loads the DPO adapter with its manifest's template and stop tokens, and its greedy
+    replies are the ones transformers gives for the same base and adapter."""
+    from training.adapters import load_adapter
+    from training.generate import compare
+
+    _, adapter, _ = dpo_run
+    question = BAD_QUESTIONS[0]
+    proc = run_cli(str(ROOT / "tests" / "helpers" / "vllm_generate.py"), str(base_dir), str(adapter), question)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    served = json.loads(line.removeprefix("RESULT "))
+    manifest, tok, model = load_adapter(adapter)
+    [(_, base, tuned)] = compare(model, tok, [[{"role": "user", "content": question}]],
+                                 stop_ids=tok.convert_tokens_to_ids(manifest.stop_tokens), max_new_tokens=24)
+    assert served["adapter"] != served["base"]  # DPO moved the policy off the base
+    assert (served["base"], served["adapter"]) == (base, tuned)
 
 
 def test_preference_bad_rows_name_file_and_line(tmp_path):

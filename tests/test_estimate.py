@@ -127,6 +127,15 @@ def test_cli_prints_the_table_and_json():
         == data["bytes"]["total"]
 
 
+def test_cli_says_when_host_memory_fast_can_exceed_the_total():
+    args = ("-m", "guardtune.cli", "estimate", "examples/train_lora.yaml", "--device", "cpu")
+    bounded, fast = run_cli(*args, timeout=60), run_cli(*args, "host_memory=fast", timeout=60)
+    assert bounded.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert "host_memory fast" in fast.stdout and "host_memory fast" not in bounded.stdout
+    total = lambda out: next(line for line in out.splitlines() if line.startswith("total"))  # noqa: E731
+    assert total(fast.stdout) == total(bounded.stdout)  # the same live tensors; only the note differs
+
+
 @pytest.mark.parametrize("args, message", [
     (["examples/train_lora.yaml", "learnin_rate=1"], "unknown key 'learnin_rate' (did you mean 'learning_rate'?)"),
     (["--model", "no-such-model"], "model 'no-such-model': not a preset"),

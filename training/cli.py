@@ -19,6 +19,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from training.host_memory import prepare_process_env
+
+    prepare_process_env()  # before anything imports torch; both `train` and `guardtune train` come here
     if args.keys:
         for name, field in TrainConfig.model_fields.items():
             default = "(required)" if field.is_required() else repr(field.default)

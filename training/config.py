@@ -110,6 +110,9 @@ class TrainConfig(BaseModel):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     gradient_checkpointing: bool = Field(True, description="recompute activations in backward: less memory, ~30% slower")
+    host_memory: Literal["bounded", "fast"] = Field(
+        "bounded", description="CPU only. bounded: freed tensors of 1 MiB and more go back to the OS at once, so peak "
+                               "RSS tracks `guardtune estimate`; fast: glibc keeps them for reuse (quicker steps, higher peak)")
     seed: int = Field(42, description="model init, data order and sampling")
 
     # bookkeeping

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardtune.errors import GuardtuneError
-from guardtune.fsutil import atomic_dir
 from guardtune.manifest import BaseModelRef, Manifest, Metrics
 from guardtune.models import weights_sha256
 from training.data.readers import BadRow, check_alternation, checked_turns, utf8_lines
@@ -135,9 +134,12 @@ def train_dpo(cfg, *, log=print) -> Path:
     from training import peft_setup
     from training.callbacks import MetricsCallback, QuietProgress
     from training.data.dataset import file_sha256
+    from training.distributed import runtime as dist
     from training.tracking import ConsoleLogger, FanOut, JsonlLogger
     from training.trainer import _final_train_loss, _resume_point, base_and_tokenizer, stop_tokens, trainer_arguments
 
+    if not dist.is_main():  # distributed: progress and logs come from rank 0 only
+        log = lambda msg: None  # noqa: E731
     t_start = time.time()
     base_dir, tokenizer = base_and_tokenizer(cfg, log)
 
@@ -147,32 +149,36 @@ def train_dpo(cfg, *, log=print) -> Path:
     log(f"data: {len(train_rows)} train / {len(eval_rows)} eval preference pairs, {len(bad)} bad rows skipped")
 
     run_dir = cfg.checkpoint_dir
-    resume_from = _resume_point(cfg, run_dir, log)
+    decided, resume_from = dist.resume_from_launcher()  # distributed: chosen once, before the ranks started
+    if not decided:
+        resume_from = _resume_point(cfg, run_dir, log)
     set_seed(cfg.seed)
     model = peft_setup.load_base(cfg, base_dir)
 
     steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * cfg.grad_accum))
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * steps_per_epoch)
-    loggers = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")]
-    if cfg.report_to == "swanlab":
+    loggers = [ConsoleLogger(total_steps), JsonlLogger(run_dir / "metrics.jsonl")] if dist.is_main() else []
+    if cfg.report_to == "swanlab" and dist.is_main():
         from training.tracking import SwanLabLogger
 
         loggers.append(SwanLabLogger(run_dir / "swanlog", cfg.swanlab_project, cfg.task))
     tracker = FanOut(*loggers)
     tracker.log_config(cfg.model_dump(mode="json") | {"train_rows": len(train_rows)})
 
-    args = DPOConfig(
-        **trainer_arguments(cfg, run_dir, total_steps, has_eval=bool(eval_rows)),
+    args = dist.resolved(DPOConfig(  # distributed: the same DeepSpeed/FSDP/backend settings as SFT
+        **dist.training_arguments(cfg, model, trainer_arguments(cfg, run_dir, total_steps, has_eval=bool(eval_rows))),
         beta=cfg.beta,
         loss_type=[cfg.dpo_loss],
         label_smoothing=cfg.label_smoothing,
         max_length=cfg.max_length,
-    )
+    ))
     trainer = DPOTrainer(
         model=model, args=args, processing_class=tokenizer, peft_config=peft_setup.peft_config(cfg),
         train_dataset=Dataset.from_list(train_rows), eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None,
         callbacks=[MetricsCallback(tracker)],
     )
+    dist.cpu_fsdp(trainer)
+    dist.report_shards(trainer)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(QuietProgress)
     model = trainer.model
@@ -216,21 +222,21 @@ def train_dpo(cfg, *, log=print) -> Path:
         max_context=int(getattr(model.config, "max_position_embeddings", cfg.max_length)),
         data_fingerprint=data_fp, metrics=metrics, train_config=cfg.model_dump(mode="json"), **extra,
     )
-    with atomic_dir(cfg.adapter_dir) as tmp:
-        model.save_pretrained(tmp)
-        manifest.write(tmp)
+    dist.save_adapter(trainer, cfg.adapter_dir, model.save_pretrained, manifest.write)  # ZeRO-3/FSDP shards gathered
     log(f"adapter: wrote {cfg.adapter_dir} (dpo loss {metrics.train_loss:.4f}, reward margin "
         f"{getattr(metrics, 'reward_margin', float('nan')):.4f}, reward accuracy "
         f"{getattr(metrics, 'reward_accuracy', float('nan')):.2f})")
 
-    if cfg.generation_samples:
+    if cfg.generation_samples and dist.is_main():
         from training.generate import compare, print_comparison
 
         prompts = [r["prompt"] for r in (eval_rows or train_rows)[: cfg.generation_samples]]
-        print_comparison(compare(model, tokenizer, prompts, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
+        gen_model = dist.generation_model(trainer, model, cfg.adapter_dir)
+        print_comparison(compare(gen_model, tokenizer, prompts, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
 
-    if cfg.merge:
+    if cfg.merge and dist.is_main():
         from training.export import merge
 
         merge(cfg.adapter_dir, Path(f"{cfg.adapter_dir}-merged"), log=log)
+    dist.finish()  # all ranks meet before exit
     return cfg.adapter_dir

@@ -20,10 +20,12 @@ activations freed). Gradients are created during backward and freed by the optim
 (`zero_grad(set_to_none=True)`), so they count at the start only when something keeps them
 alive across micro-batches: gradient accumulation, or DeepSpeed/FSDP gradient buffers.
 
-Not modelled: allocator retention (on CPU, glibc keeps freed blocks below its dynamic mmap
-threshold: with LoRA's many short-lived per-layer tensors the measured peak RSS was 18-42% above
-the live tensors, and with MALLOC_MMAP_THRESHOLD_=131072 within 0.2%; see bench/estimate_bench.py),
-CUDA caching slack, AdamW foreach temporaries on GPU, ZeRO communication buckets, the reference
+On CPU the figure is for `train`'s default `host_memory: bounded` (training/host_memory.py), under
+which freed tensors of 1 MiB and more go back to the OS. With `fast`, glibc's heap keeps freed
+activations for reuse: peak RSS was measured 1.07-1.24x the bounded run's (bench/estimate_bench.py).
+That retention depends on allocation order and is not modelled.
+
+Not modelled either: CUDA caching slack, AdamW foreach temporaries on GPU, ZeRO communication buckets, the reference
 model of DPO, and eager (non-SDPA) attention.
 """
 
@@ -206,6 +208,8 @@ class EstimateConfig(BaseModel):
                                                                              "or also parameters (stage 3)")
     fsdp: bool = Field(False, description="FSDP full shard: like ZeRO-3")
     devices: int = Field(1, ge=1, description="data-parallel devices in all (nproc x nnodes)")
+    host_memory: Literal["bounded", "fast"] = Field(
+        "bounded", description="cpu: train's host allocator setting; the estimate holds for bounded")
 
     @model_validator(mode="after")
     def _check(self) -> "EstimateConfig":
@@ -588,6 +592,9 @@ def format_table(cfg: EstimateConfig, est: Estimate) -> str:
              f"{'component':<12} {'GiB':>9}  note"]
     lines += [f"{name:<12} {_gib(v):>9}  {note}" for name, v, note in rows]
     lines.append(f"{'total':<12} {_gib(est.total):>9}  per device, at the {est.moment}")
+    if cfg.device == "cpu" and cfg.host_memory == "fast":
+        lines.append("note: host_memory fast lets glibc keep freed activations, so peak RSS can exceed this total "
+                     "(measured up to 1.24x here); bounded, train's default, holds to it")
     if est.host_offload:
         lines.append(f"{'host':<12} {_gib(est.host_offload):>9}  this device's share, offloaded to CPU memory (not in the total)")
     return "\n".join(lines)

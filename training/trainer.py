@@ -69,6 +69,13 @@ def _resume_point(cfg: TrainConfig, run_dir: Path, log) -> Path | None:
 
 
 def train(cfg: TrainConfig, *, log=print) -> Path:
+    import torch
+
+    from training.host_memory import configure
+
+    done = configure(cfg.host_memory, on_cpu=not torch.cuda.is_available())
+    if done and dist.is_main():
+        log(done)
     if cfg.stage == "dpo":  # preference pairs: TRL's DPOTrainer, its own data and loop (training/dpo.py)
         from training.dpo import train_dpo
 

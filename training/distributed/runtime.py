@@ -230,7 +230,13 @@ def generation_model(trainer, model, adapter_dir: Path):
     """A model that can generate: sharded weights are unusable outside the engine, so reload the adapter."""
     if not sharded(trainer):
         return model
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
     from training.adapters import load_adapter
+
+    # Training is over. Left set, ZeRO-3's global config would make this rank-0-only load partition the
+    # weights across ranks that are not loading, and the run would die after its adapter was written.
+    unset_hf_deepspeed_config()
 
     return load_adapter(adapter_dir)[2]
 
