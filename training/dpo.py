@@ -136,7 +136,14 @@ def train_dpo(cfg, *, log=print) -> Path:
     from training.data.dataset import file_sha256
     from training.distributed import runtime as dist
     from training.tracking import ConsoleLogger, FanOut, JsonlLogger
-    from training.trainer import _final_train_loss, _resume_point, base_and_tokenizer, stop_tokens, trainer_arguments
+    from training.trainer import (
+        _final_train_loss,
+        _resume_point,
+        after_publish,
+        base_and_tokenizer,
+        stop_tokens,
+        trainer_arguments,
+    )
 
     if not dist.is_main():  # distributed: progress and logs come from rank 0 only
         log = lambda msg: None  # noqa: E731
@@ -227,16 +234,5 @@ def train_dpo(cfg, *, log=print) -> Path:
         f"{getattr(metrics, 'reward_margin', float('nan')):.4f}, reward accuracy "
         f"{getattr(metrics, 'reward_accuracy', float('nan')):.2f})")
 
-    if cfg.generation_samples and dist.is_main():
-        from training.generate import compare, print_comparison
-
-        prompts = [r["prompt"] for r in (eval_rows or train_rows)[: cfg.generation_samples]]
-        gen_model = dist.generation_model(trainer, model, cfg.adapter_dir)
-        print_comparison(compare(gen_model, tokenizer, prompts, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
-
-    if cfg.merge and dist.is_main():
-        from training.export import merge
-
-        merge(cfg.adapter_dir, Path(f"{cfg.adapter_dir}-merged"), log=log)
-    dist.finish()  # all ranks meet before exit
-    return cfg.adapter_dir
+    prompts = [r["prompt"] for r in (eval_rows or train_rows)[: cfg.generation_samples]]
+    return after_publish(cfg, trainer, model, tokenizer, prompts, stop_ids, log)

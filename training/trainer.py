@@ -179,15 +179,23 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         + (f", eval loss {metrics.eval_loss:.4f}" if metrics.eval_loss is not None else "") + ")")
 
     sample_file = cfg.eval_file or cfg.train_file or next((d.path for d in cfg.datasets or [] if d.path), None)
+    convs = []
     if cfg.generation_samples and sample_file and dist.is_main() and cfg.stage == "sft":  # pt data has no chats
         from training.data.readers import read_jsonl
-        from training.generate import compare, print_comparison
 
         convs = read_jsonl(sample_file, skip_bad_rows=True).conversations[: cfg.generation_samples]
-        stop_ids = tokenizer.convert_tokens_to_ids(stops)
-        gen_model = dist.generation_model(trainer, model, cfg.adapter_dir)
-        print_comparison(compare(gen_model, tokenizer, convs, system_prompt=cfg.system_prompt, stop_ids=stop_ids), log)
+    return after_publish(cfg, trainer, model, tokenizer, convs, tokenizer.convert_tokens_to_ids(stops), log)
 
+
+def after_publish(cfg: TrainConfig, trainer, model, tokenizer, conversations: list, stop_ids: list[int], log) -> Path:
+    """Once the artifact is in place (SFT/pt and DPO): rank 0 prints base-vs-tuned replies for
+    `conversations` and merges when asked; then every rank meets before exit."""
+    if conversations and dist.is_main():
+        from training.generate import compare, print_comparison
+
+        gen_model = dist.generation_model(trainer, model, cfg.adapter_dir)
+        print_comparison(compare(gen_model, tokenizer, conversations, system_prompt=cfg.system_prompt,
+                                 stop_ids=stop_ids), log)
     if cfg.merge and dist.is_main():
         from training.export import merge
 
