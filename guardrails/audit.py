@@ -23,6 +23,10 @@ A record, as serving writes it (every key but request_id is optional; what is gi
      "fallback": {"stage": ..., "variant": ...} | None,
      "latency_ms": {"input": .., "retrieval": .., "generation": .., "compliance": .., "total": ..}}
 
+Reading: `query` (one page, newest first) and `count` take the same filters (QUERY_FILTERS), so
+`audit_page` pairs them into an offset-paged listing with a next-page offset. Retention: `purge`
+deletes records older than a cut-off, a batch at a time (`guardtune audit purge --older-than-days N`).
+
 `export_badcases` turns fallback/blocked records into a preference dataset in TRL's
 conversational form (prompt messages, chosen = the sent reply, rejected = the raw generation).
 """
@@ -30,6 +34,7 @@ conversational form (prompt messages, chosen = the sent reply, rejected = the ra
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import tempfile
@@ -43,6 +48,8 @@ from guardtune.errors import GuardtuneError
 DEFAULT_DB = Path("audit/audit.db")
 OUTCOMES = ("passed", "blocked", "redacted", "script", "fallback", "monitor")
 CHAT_ROLES = ("system", "user", "assistant")
+QUERY_FILTERS = ("task", "outcome", "session_id", "since")  # what query, count and audit_page all accept
+PURGE_BATCH = 1000  # rows per purge transaction: serving's writes never wait behind a whole purge
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (
@@ -63,7 +70,13 @@ CREATE INDEX IF NOT EXISTS audit_session_ts ON audit (session_id, ts);
 
 
 class AuditBackend(Protocol):
-    """What serving, the CLI and `export_badcases` use; SQLite (AuditStore) and PostgreSQL implement it."""
+    """What serving, the CLI and `export_badcases` use; SQLite (AuditStore) and PostgreSQL implement it.
+
+    `query` and `count` take the same keyword filters (QUERY_FILTERS; all given ones must match):
+    `count(**f)` is the total that paging `query(**f, limit=L, offset=O)` walks through, newest first
+    (ts, then request_id, descending), so offsets 0, L, 2L, ... cover every matching record once while
+    nothing is written meanwhile. A negative limit means no limit and a negative offset 0, on both backends.
+    """
 
     def write(self, record: dict[str, Any]) -> None: ...
     def get(self, request_id: str) -> dict[str, Any] | None: ...
@@ -74,6 +87,7 @@ class AuditBackend(Protocol):
               session_id: str | None = None, since: float | None = None) -> int: ...
     def iter_records(self, *, outcome: str | Iterable[str] | None = None, since: float | None = None,
                      page: int = 500) -> Iterator[dict[str, Any]]: ...
+    def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int: ...
     def close(self) -> None: ...
 
 
@@ -108,7 +122,10 @@ class AuditStore:
     def query(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
               session_id: str | None = None, since: float | None = None,
               limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Records matching every given filter, newest first. `outcome` may be one value or several."""
+        """Records matching every given filter, newest first. `outcome` may be one value or several.
+
+        Same filters as `count` (QUERY_FILTERS); `offset` skips that many of the newest matches.
+        """
         where, params = _where(task, outcome, session_id, since)
         sql = f"SELECT record FROM audit{where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?"
         with self._lock:
@@ -117,6 +134,7 @@ class AuditStore:
 
     def count(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
               session_id: str | None = None, since: float | None = None) -> int:
+        """How many records match; the same filters as `query`, so it is the total its pages walk through."""
         where, params = _where(task, outcome, session_id, since)
         with self._lock:
             return self._db().execute(f"SELECT COUNT(*) FROM audit{where}", params).fetchone()[0]
@@ -137,6 +155,29 @@ class AuditStore:
             if len(rows) < page:
                 return
             key = (rows[-1][0], rows[-1][1])
+
+    def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int:
+        """Delete the records with ts < before_ts (unix seconds); returns how many were deleted.
+
+        A batch at a time, oldest first through the ts index, each batch its own transaction with the
+        lock let go in between: writers (threads here, other processes through SQLite's busy wait)
+        wait for one batch at most. Records written meanwhile with a newer ts are never touched.
+        """
+        cutoff, batch = check_purge(before_ts, batch)
+        total = 0
+        while deleted := self._delete_batch(cutoff, batch):
+            total += deleted
+        return total
+
+    # rowid: the ts index holds it, so the inner select never reads the table itself.
+    _PURGE_SQL = "DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE ts < ? ORDER BY ts LIMIT ?)"
+
+    def _delete_batch(self, cutoff: float, batch: int) -> int:
+        try:
+            with self._lock:
+                return self._db().execute(self._PURGE_SQL, (cutoff, batch)).rowcount
+        except sqlite3.Error as exc:  # e.g. locked past the busy timeout: one line, not a traceback
+            raise GuardtuneError(f"audit db {self.path}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:
@@ -174,6 +215,49 @@ def audit_row(record: dict[str, Any]) -> tuple:
         blocked_by = record["input"].get("blocked_by")
     return (rid, float(record["ts"]), _text(record.get("task")), _text(record.get("session_id")),
             _text(record.get("stage")), _text(record.get("outcome")), _text(blocked_by), blob)
+
+
+def check_purge(before_ts: Any, batch: Any) -> tuple[float, int]:
+    """The validated purge arguments (every backend checks exactly these)."""
+    # NaN would delete nothing on SQLite (it binds as NULL) and everything on PostgreSQL (NaN sorts last).
+    if not isinstance(before_ts, (int, float)) or isinstance(before_ts, bool) or math.isnan(before_ts):
+        raise GuardtuneError(f"audit purge: before_ts must be unix seconds (a number), got {before_ts!r}")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise GuardtuneError(f"audit purge: batch must be a positive integer, got {batch!r}")
+    return float(before_ts), batch
+
+
+def audit_page(store: AuditBackend, *, offset: int = 0, limit: int = 100,
+               **filters: Any) -> dict[str, Any]:
+    """One page of records, newest first, with what a client needs to ask for the next one:
+
+        {"records": [...], "count": n, "total": matching records, "next_offset": offset + n or None}
+
+    `filters` are QUERY_FILTERS (task, outcome, session_id, since), passed to `query` and `count` alike.
+    next_offset is None on the last page. Offsets shift when records are written or purged between
+    calls (newest first: new records push older ones to later pages), so a listing taken while
+    serving writes may repeat a record across pages; that is the price of stateless offsets.
+    """
+    unknown = set(filters) - set(QUERY_FILTERS)
+    if unknown:
+        raise GuardtuneError(f"audit page: unknown filter(s) {', '.join(sorted(unknown))}; "
+                             f"use {', '.join(QUERY_FILTERS)}")
+    if not _whole(offset) or offset < 0 or not _whole(limit) or limit < 1:
+        raise GuardtuneError(f"audit page: need offset >= 0 and limit >= 1, got offset={offset!r} limit={limit!r}")
+    records = store.query(**filters, limit=limit, offset=offset)
+    total = store.count(**filters)
+    return {"records": records, "count": len(records), "total": total,
+            "next_offset": next_offset(offset, len(records), limit, total)}
+
+
+def next_offset(offset: int, count: int, limit: int, total: int) -> int | None:
+    """The offset of the page after one of `count` records at `offset`, or None when it was the last."""
+    # A short page means the end was reached, whatever a count taken a moment later says.
+    return offset + count if count == limit and offset + count < total else None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _text(value: Any) -> str | None:

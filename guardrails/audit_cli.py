@@ -2,6 +2,7 @@
 
     guardtune audit [--db PATH] [--task T] [--outcome O] [--session S] [--since ISO_OR_UNIX] [--limit N] [--json]
     guardtune audit show REQUEST_ID [--db PATH]
+    guardtune audit purge --older-than-days N [--db PATH]
     guardtune badcases export [--db PATH] --out FILE [--outcomes fallback,blocked] [--since ISO_OR_UNIX]
 """
 
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,11 +31,16 @@ def add_arguments(sub) -> None:
                    help="only records at or after this time (ISO 8601, naive = UTC; or unix seconds)")
     a.add_argument("--limit", type=int, default=50)
     a.add_argument("--json", action="store_true", help="print whole records as JSON lines")
-    actions = a.add_subparsers(dest="audit_action", metavar="show")
+    actions = a.add_subparsers(dest="audit_action", metavar="{show,purge}")
     s = actions.add_parser("show", help="print one record in full")
     s.add_argument("request_id")
     # SUPPRESS: a subparser default would overwrite `audit --db X show ID`.
     _db_arg(s, argparse.SUPPRESS)
+    p = actions.add_parser("purge", help="retention: delete records older than N days")
+    _db_arg(p, argparse.SUPPRESS)
+    # Checked in run_purge rather than by argparse, so a bad or missing N is a one-line error.
+    p.add_argument("--older-than-days", metavar="N",
+                   help="delete records whose time is more than N days (>= 0, fractions allowed) before now")
     a.set_defaults(fn=run_audit)
 
     b = sub.add_parser("badcases", help="export fallback/blocked requests as a DPO preference dataset")
@@ -76,6 +84,8 @@ def _open(db: str):
 
 
 def run_audit(args: argparse.Namespace) -> int:
+    if getattr(args, "audit_action", None) == "purge":
+        return run_purge(args)
     with _open(args.db) as store:
         if getattr(args, "audit_action", None) == "show":
             record = store.get(args.request_id)
@@ -93,6 +103,35 @@ def run_audit(args: argparse.Namespace) -> int:
     _print_table(records)
     print(f"{len(records)} of {total} records", file=sys.stderr)
     return 0
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    days = parse_days(args.older_than_days)
+    # Purge deletes by age alone; a filter given before `purge` must not look as if it narrowed it.
+    given = [flag for flag, value in (("--task", args.task), ("--outcome", args.outcome),
+                                      ("--session", args.session), ("--since", args.since)) if value is not None]
+    if given:
+        raise GuardtuneError(f"audit purge deletes by age only; {', '.join(given)} does not apply to it")
+    cutoff = time.time() - days * 86400
+    with _open(args.db) as store:
+        deleted = store.purge(cutoff)
+        where = store.path
+    when = datetime.fromtimestamp(cutoff, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    print(f"purged {deleted} records older than {days:g} days (before {when} UTC) from {where}")
+    return 0
+
+
+def parse_days(value: str | None) -> float:
+    """--older-than-days: a finite number >= 0."""
+    if value is None:
+        raise GuardtuneError("audit purge needs --older-than-days N")
+    try:
+        days = float(value)
+    except ValueError:
+        days = math.nan
+    if not math.isfinite(days) or days < 0:
+        raise GuardtuneError(f"--older-than-days: need a number of days >= 0, got {value!r}")
+    return days
 
 
 def _print_table(records: list[dict]) -> None:

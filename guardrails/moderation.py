@@ -51,7 +51,8 @@ def build_scanners(cfg: ModerationConfig) -> list[Scanner]:
     from guardrails.scanners.pii import PII
     from guardrails.scanners.topics import BannedTopics
 
-    scanners: list[Scanner] = [Normalise()] if cfg.normalise else []
+    # Normalise knows the size limit, so NFKC never grows a text the size check will refuse anyway.
+    scanners: list[Scanner] = [Normalise(max_chars=cfg.max_chars)] if cfg.normalise else []
     scanners.append(SizeCharset(max_chars=cfg.max_chars))
     if cfg.pii != "off":  # early, so no later step (or the audit of a block) ever sees the raw PII
         scanners.append(PII(action=cfg.pii))

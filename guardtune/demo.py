@@ -73,12 +73,14 @@ def train_adapters(workdir: Path, steps: int, v2_steps: int) -> dict[str, Path]:
 
 def build_stores(workdir: Path, cfg: dict) -> None:
     from guardrails.scripts import build_store
+    from rag.cli import InjectionScreen
     from rag.index import ingest
 
     store = Path(cfg["guardrails"]["compliance"]["store"])
     build_store(Path(cfg["guardrails"]["compliance"]["library"]), store, log=lambda m: None)
     say(f"  approved-script store: {store}")
-    report = ingest(EXAMPLES / "kb", Path(cfg["rag"]["support"]["index"]), log=lambda m: None)
+    report = ingest(EXAMPLES / "kb", Path(cfg["rag"]["support"]["index"]), log=lambda m: None,
+                    screen=InjectionScreen())  # as `guardtune rag ingest` does: flagged chunks are quarantined
     say(f"  knowledge-base index: {cfg['rag']['support']['index']} ({report.summary()})")
 
 

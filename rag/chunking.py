@@ -8,7 +8,9 @@ mapping: `text[start:end]` is the chunk. For HTML the document text is the extra
 from __future__ import annotations
 
 import functools
+import os
 import re
+from collections import deque
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -82,14 +84,72 @@ def title(text: str) -> str:
     return " ".join(line.strip("#=-* \t").split()[:16])
 
 
-def find_documents(root: Path) -> dict[str, Path]:
-    """{path relative to root (posix): file}, hidden files and folders left out."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root)
-        if path.is_file() and path.suffix.lower() in SUFFIXES and not any(p.startswith(".") for p in rel.parts):
-            found[rel.as_posix()] = path
-    return found
+def find_documents(root: Path, refused: list[str] | None = None) -> dict[str, Path]:
+    """{path relative to root (posix): file}, hidden files and folders left out.
+
+    A symlink whose target lies outside root is not read but added to `refused` with the reason: a
+    knowledge base checked out from elsewhere must not pull ~/.ssh or /etc into the index. Links inside
+    root are followed (e.g. into a hidden content store), after the real tree, and each real file or
+    folder is taken once: a link to a document already found adds nothing and a link loop ends.
+    """
+    root_real = root.resolve()
+    found: dict[str, Path] = {}
+    seen: set[Path] = {root_real}  # real paths of the folders queued and the documents taken
+    folders: deque[tuple[Path, str]] = deque([(root_real, "")])
+    links: deque[tuple[Path, str]] = deque()
+    while folders or links:
+        if folders:
+            folder, prefix = folders.popleft()
+            for entry in _visible_entries(folder):
+                path, rel = Path(entry.path), prefix + entry.name
+                if entry.is_symlink():
+                    links.append((path, rel))  # followed once the real tree is done, so real paths win
+                elif entry.is_dir(follow_symlinks=False):
+                    seen.add(path)
+                    folders.append((path, rel + "/"))
+                elif entry.is_file(follow_symlinks=False) and _is_document(rel):
+                    seen.add(path)
+                    found[rel] = path
+            continue
+        path, rel = links.popleft()
+        target, reason = _link_target(path, root_real)
+        if reason:
+            if refused is not None:
+                refused.append(f"{rel}: {reason}")
+        elif target in seen:
+            continue
+        elif target.is_dir():
+            seen.add(target)
+            folders.append((target, rel + "/"))
+        elif target.is_file() and _is_document(rel):
+            seen.add(target)
+            found[rel] = path
+    return dict(sorted(found.items()))
+
+
+def _link_target(link: Path, root_real: Path) -> tuple[Path, str]:
+    """The link's real target, and why it is refused ("" when it stays inside root)."""
+    try:
+        target = link.resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a chain of links that loops back on itself
+        target = link
+    if target.is_symlink():  # still a link after resolving: a loop (newer Pythons return it unresolved)
+        return link, "symlink cannot be resolved (a loop?), not read"
+    if not target.is_relative_to(root_real):
+        return target, f"symlink to {target}, outside the knowledge base, not read"
+    return target, ""
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:  # an unreadable folder is skipped, as before
+        return []
+
+
+def _is_document(rel: str) -> bool:
+    return Path(rel).suffix.lower() in SUFFIXES
 
 
 @functools.cache

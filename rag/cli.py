@@ -2,6 +2,7 @@
 
 An index name without a slash means `indexes/<NAME>` under the current directory. Progress goes to
 stderr, the summary to stdout. `python -m rag.cli ingest ...` runs the same commands on their own.
+Ingest screens every chunk with the serving pipeline's prompt-injection scanner unless --no-screen.
 """
 
 from __future__ import annotations
@@ -10,11 +11,29 @@ import argparse
 import sys
 from pathlib import Path
 
+from guardrails.scanners.injection import Injection
+from guardrails.scanners.normalise import Normalise
 from guardtune.cli_util import run_cli
 
 
 def index_path(name: str) -> Path:
     return Path("indexes") / name if "/" not in name and name not in (".", "..") else Path(name)
+
+
+class InjectionScreen:
+    """A chunk as the input guardrails see a user turn: normalised, then checked for prompt injection.
+
+    Retrieved text reaches the prompt after those guardrails ran, so this is its only check.
+    """
+
+    name = "prompt_injection"  # recorded in meta.json; another screen later re-screens unchanged documents
+
+    def __init__(self) -> None:
+        self.normalise, self.injection = Normalise(), Injection()
+
+    def __call__(self, text: str) -> str | None:
+        verdict = self.injection.scan(self.normalise.scan(text).text)
+        return None if verdict.valid else verdict.reason or "flagged as prompt injection"
 
 
 def add_arguments(sub) -> None:
@@ -33,6 +52,8 @@ def _add_actions(p: argparse.ArgumentParser) -> None:
                    help=f"auto: exact below {HNSW_THRESHOLD:,} chunks, HNSW from there")
     i.add_argument("--chunk-tokens", type=int, default=200, metavar="N", help="chunk size in MiniLM tokens")
     i.add_argument("--overlap", type=int, default=40, metavar="N", help="tokens shared by consecutive chunks")
+    i.add_argument("--no-screen", action="store_true",
+                   help="index every chunk: skip the prompt-injection screen that quarantines flagged ones")
     e = actions.add_parser("eval", help="recall@k and MRR of an index on a JSONL question set")
     e.add_argument("--index", required=True, metavar="NAME_OR_DIR")
     e.add_argument("--questions", required=True, metavar="FILE",
@@ -49,7 +70,8 @@ def _ingest(args: argparse.Namespace) -> int:
     from rag.index import ingest
 
     report = ingest(args.dir, index_path(args.index), index_type=args.index_type, chunk_tokens=args.chunk_tokens,
-                    overlap=args.overlap, log=lambda m: print(m, file=sys.stderr, flush=True))
+                    overlap=args.overlap, screen=None if args.no_screen else InjectionScreen(),
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
     print(report.summary())
     return 0
 

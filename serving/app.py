@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardrails.audit import audit_page
 from guardtune.errors import GuardtuneError
 from serving.auth import require_admin, require_user
 from serving.config import ServeConfig
@@ -46,6 +47,10 @@ class ServerState:
     started_at: float = field(default_factory=time.time)
     watchdog: asyncio.Task | None = None
     exit_code: int | None = None  # set when the server must stop with a failure status (on_engine_death: exit)
+
+    def serves_base(self) -> bool:
+        g = self.cfg.guardrails
+        return g is None or g.base_model != "refuse"
 
 
 class TaskPut(BaseModel):
@@ -126,25 +131,31 @@ async def watch_engine(state: ServerState, interval: float = 0.2) -> None:
         return
 
 
+MAX_MODERATION_INPUTS = 32
+
+
 class ModerationRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     # The schema states what the handler enforces: one non-empty string, or 1 to 32 of them.
     input: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
-                                                            Field(min_length=1, max_length=32)]
+                                                            Field(min_length=1, max_length=MAX_MODERATION_INPUTS)]
     model: Text | None = None
 
 
 def default_pipeline(cfg: ServeConfig) -> Pipeline:
-    """Moderation first (a blocked input costs nothing more), then retrieval; compliance after the model."""
+    """Moderation first (a blocked input costs nothing more), then retrieval; compliance and the output
+    filter after the model."""
     pipeline = Pipeline()
     g = cfg.guardrails
     if g is not None:
         from guardrails.moderation import Moderator
-        from serving.stages import Audit, ModerationStage
+        from serving.stages import Audit, GuardScope, ModerationStage, OutputStage
 
+        scope = GuardScope(g.tasks, g.base_model)
         moderator = Moderator(g.moderation)
-        pipeline.pre.append(ModerationStage(moderator, g.tasks))
-        pipeline.audit = Audit(g.audit_db, g.tasks)
+        pipeline.pre.append(ModerationStage(moderator, scope))
+        pipeline.audit = Audit(g.audit_db, scope)
+        pipeline.output = OutputStage(g.output, scope)
     if cfg.rag:
         from serving.stages import RetrievalStage
 
@@ -154,13 +165,26 @@ def default_pipeline(cfg: ServeConfig) -> Pipeline:
 
         # The raw reply is scanned for leaks and banned topics with the input's own scanners.
         output_scanners = [s for s in moderator.scanners if s.name in ("pii", "banned_topics")]
-        pipeline.post.append(ComplianceStage(g.compliance, g.tasks, output_scanners))
+        pipeline.post.append(ComplianceStage(g.compliance, scope, output_scanners))
     return pipeline
+
+
+async def purge_audit(state: ServerState, days: float, every_s: float = 3600.0) -> None:
+    """Retention: at start-up, then hourly, audit records older than `days` go."""
+    while True:
+        try:
+            n = await state.pipeline.audit.purge_older_than(days)
+            if n:
+                log.info("audit retention: %d records older than %g days deleted", n, days)
+        except GuardtuneError as exc:
+            log.error("audit retention: %s", exc)
+        await asyncio.sleep(every_s)
 
 
 def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = None) -> FastAPI:
     state = ServerState(cfg=cfg, engine=engine, pipeline=pipeline or default_pipeline(cfg))
-    user_keys, admin_key = cfg.keys()
+    keys = cfg.keys()
+    user_keys, admin_key = keys.users, keys.admin
     state.admission = Admission(cfg.limits.max_concurrency, cfg.limits.max_queue, cfg.limits.queue_timeout_s,
                                 gauge=state.metrics.queue_depth, running_gauge=state.metrics.running)
     state.limiter = RateLimiter(cfg.limits.rate_limit_per_min)
@@ -170,11 +194,16 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         task = asyncio.create_task(start_state(state))
         task.add_done_callback(_crash_on_failure)
         app.state.startup = task
+        g = cfg.guardrails
+        retention = (asyncio.create_task(purge_audit(state, g.audit_retention_days))
+                     if g is not None and g.audit_retention_days and state.pipeline.audit is not None else None)
         try:
             yield
         finally:
             state.ready = False
             task.cancel()
+            if retention is not None:
+                retention.cancel()
             if state.watchdog is not None:
                 state.watchdog.cancel()
             if state.engine is not None:
@@ -193,8 +222,8 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
     chat = ChatService(state)
 
     # Keys by path prefix, then the body under a size cap and a deadline (serving/gate.py).
-    app.add_middleware(RequestGate, user_keys=user_keys, admin_key=admin_key, protect_ops=cfg.protect_ops,
-                       max_body_bytes=cfg.limits.max_body_bytes, body_timeout_s=cfg.limits.body_timeout_s)
+    app.add_middleware(RequestGate, keys=keys, max_body_bytes=cfg.limits.max_body_bytes,
+                       body_timeout_s=cfg.limits.body_timeout_s)
     document_errors(app, user_auth=bool(user_keys), admin_auth=admin_key is not None)
 
     @app.get("/health")
@@ -208,10 +237,10 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             return JSONResponse({"ready": False}, status_code=503)
         return {"ready": True, "engine": state.engine.name, "tasks": sorted(state.registry.tasks)}
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=errors(401) if cfg.protect_ops else None)
-    async def metrics(request: Request):
-        if cfg.protect_ops:
-            require_user(request, user_keys)
+    ops_errors = errors(401) if keys.any else None  # the gate asks for a key on the ops pages once keys are set
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ops_errors)
+    async def metrics():
         from prometheus_client import REGISTRY, generate_latest
 
         return Response(generate_latest(state.metrics.registry) + generate_latest(REGISTRY),
@@ -222,15 +251,19 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         require_user(request, user_keys)
         _need_ready(state)
         now = int(state.started_at)
-        data = [{"id": cfg.base_model, "object": "model", "created": now, "owned_by": "guardtune", "kind": "base"}]
+        data = [{"id": cfg.base_model, "object": "model", "created": now, "owned_by": "guardtune", "kind": "base"}
+                ] if state.serves_base() else []
+        # No filesystem paths here: /admin/tasks shows them to the admin.
         data += [{"id": t, "object": "model", "created": now, "owned_by": "guardtune", "kind": "task",
-                  "parent": cfg.base_model, **s.summary()} for t, s in state.registry.tasks.items()]
+                  "parent": cfg.base_model, **{k: v for k, v in s.summary().items() if k != "path"}}
+                 for t, s in state.registry.tasks.items()]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion,
               responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 503, 504)})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         who = require_user(request, user_keys)
+        caller = who if user_keys else None
         _need_ready(state)
         try:
             state.limiter.check(who)
@@ -239,7 +272,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             label = body.model if known else "base" if body.model in (cfg.base_model, "base") else "unknown"
             state.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
             raise
-        return await chat.handle(body)
+        return await chat.handle(body, caller)
 
     moderator = None
 
@@ -256,9 +289,14 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
 
                 moderator = Moderator()
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if len(texts) > 32 or any(not t for t in texts):
-            raise APIError(400, "input: 1 to 32 non-empty strings", param="input")
-        results = [await asyncio.to_thread(moderator.openai_result, t) for t in texts]
+        if len(texts) > MAX_MODERATION_INPUTS or any(not t for t in texts):
+            raise APIError(400, f"input: 1 to {MAX_MODERATION_INPUTS} non-empty strings", param="input")
+        cap = cfg.limits.max_input_chars
+        if (longest := max(len(t) for t in texts)) > cap:  # before any scan, as for chat
+            raise APIError(400, f"an input holds {longest} characters; this server takes up to {cap}",
+                           param="input", code="input_too_long")
+        async with state.admission.slot():  # the same back-pressure as chat
+            results = await asyncio.to_thread(lambda: [moderator.openai_result(t) for t in texts])
         return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
                 "results": results}
 
@@ -284,7 +322,8 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
 
     @app.get("/admin/audit", responses=errors(404))
     async def audit(request: Request, task: str | None = None, outcome: str | None = None,
-                    session_id: str | None = None, since: float | None = None, limit: int = 100,
+                    session_id: str | None = None, since: float | None = None,
+                    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
                     request_id: str | None = None):
         require_admin(request, admin_key)
         sink = state.pipeline.audit
@@ -296,10 +335,8 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             if record is None:
                 raise APIError(404, f"no audit record for request {request_id}", code="not_found")
             return record
-        limit = max(1, min(limit, 1000))
-        records = await asyncio.to_thread(sink.store.query, task=task, outcome=outcome, session_id=session_id,
-                                          since=since, limit=limit)
-        return {"records": records, "count": len(records)}
+        return await asyncio.to_thread(audit_page, sink.store, offset=offset, limit=limit, task=task,
+                                       outcome=outcome, session_id=session_id, since=since)
 
     @app.get("/admin/tasks", responses=errors(503))
     async def list_tasks(request: Request):
@@ -330,17 +367,17 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         await state.registry.delete(task)
         return {"deleted": task}
 
-    @app.get("/dashboard", response_class=HTMLResponse)
+    @app.get("/dashboard", response_class=HTMLResponse, responses=ops_errors)
     async def dashboard():
         return FileResponse(DASHBOARD / "index.html")
 
-    @app.get("/dashboard/data")
+    @app.get("/dashboard/data", responses=ops_errors)
     async def dashboard_data(since: float = 0.0):
         return {"now": time.time(), "records": state.metrics.recent(since),
                 "queue": {"waiting": state.admission.waiting, "running": state.admission.active}}
 
     @app.get("/dashboard/plotly.min.js", response_class=Response,
-             responses={200: {"content": {"application/javascript": {}}}})
+             responses={200: {"content": {"application/javascript": {}}}, **(ops_errors or {})})
     async def plotly_js():
         import plotly
 

@@ -27,7 +27,11 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("guardtune.serve").info("starting %s engine on %s:%d", cfg.engine, cfg.host, cfg.port)
     from serving.gate import bounded_h11
 
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False,
+    # X-Forwarded-For rewrites the client address only from proxies the config names: by default the
+    # socket peer is the client, so no header can make a remote caller look local.
+    proxies = {"proxy_headers": True, "forwarded_allow_ips": ",".join(cfg.trusted_proxies)} if cfg.trusted_proxies \
+        else {"proxy_headers": False}
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", access_log=False, **proxies,
                 timeout_keep_alive=5, timeout_graceful_shutdown=30, http=bounded_h11(cfg.limits.header_timeout_s),
                 h11_max_incomplete_event_size=cfg.limits.max_header_bytes)
     return 0

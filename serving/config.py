@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,6 +15,21 @@ from guardtune.configfile import explain, read_mapping
 from guardtune.errors import GuardtuneError
 from guardtune.models import DEFAULT_BASE_MODEL
 from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
+
+
+@dataclass(frozen=True)
+class Keys:
+    users: set[str]
+    admin: str | None
+    ops: str | None
+
+    @property
+    def any(self) -> bool:
+        return bool(self.users) or self.admin is not None or self.ops is not None
+
+    def ops_readers(self) -> set[str]:
+        """Keys that may read /metrics and /dashboard: every key there is."""
+        return self.users | {k for k in (self.admin, self.ops) if k is not None}
 
 
 class Limits(BaseModel):
@@ -28,6 +44,10 @@ class Limits(BaseModel):
     queue_timeout_s: float = Field(30.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     rate_limit_per_min: int = Field(0, ge=0, description="per API key; 0 = off")
+    # Checked before any guard work, so a hostile request costs a length check, not a scan.
+    max_messages: int = Field(64, ge=1, description="turns per chat request; more get 400")
+    max_input_chars: int = Field(32000, ge=1, description="characters per request (all turns and names; each "
+                                                          "moderation input); more get 400")
 
 
 # A SQLite file path (a Path) or a postgresql:// URL (kept as a string; a Path would fold its '//').
@@ -51,12 +71,29 @@ class ComplianceConfig(TaskCompliance):
         return self.per_task.get(task, TaskCompliance(mode=self.mode, threshold=self.threshold))
 
 
+class OutputConfig(BaseModel):
+    """What every guarded reply goes through on its way out, whatever the compliance mode."""
+    model_config = ConfigDict(extra="forbid")
+    redact_pii: bool = Field(True, description="PII in a reply that is sent as written (monitor, compliance off) "
+                                               "is redacted, streamed or not")
+    leak_min_chars: int = Field(40, ge=0, description="a reply repeating this many characters of a system prompt "
+                                                      "verbatim is replaced (0 = off)")
+    canary: bool = Field(False, description="add a per-task secret marker to the system prompt; a reply that "
+                                            "carries it is replaced")
+    leak_reply: str = "Sorry, I can't share that."
+
+
 class GuardrailsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     tasks: list[str] = Field(default_factory=lambda: ["*"], description="guarded tasks; '*' is every task and the base")
+    base_model: Literal["guarded", "refuse"] = Field(
+        "guarded", description="the base model behind guardrails like a task, or not served at all")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
     compliance: ComplianceConfig | None = None
     audit_db: StoreTarget = Field(Path("audit/audit.db"), description="one record per guarded request: a SQLite file (WAL), or a postgresql:// URL shared by replicas")
+    audit_retention_days: float | None = Field(None, gt=0, description="audit records older than this are deleted "
+                                                                       "(hourly); default: kept")
 
 
 class RetrievalConfig(BaseModel):
@@ -89,7 +126,10 @@ class ServeConfig(BaseModel):
                                "with status 3 for a supervisor to restart the server")
     api_keys: list[str] = Field(default_factory=list, description="also GUARDTUNE_API_KEYS (comma-separated); empty = open")
     admin_key: str | None = Field(None, description="also GUARDTUNE_ADMIN_KEY; admin routes are refused without one")
-    protect_ops: bool = Field(False, description="require an API key for /metrics")
+    ops_key: str | None = Field(None, description="also GUARDTUNE_OPS_KEY; a read-only key for /metrics and /dashboard "
+                                                  "(which take any API key or the admin key too, once keys are set)")
+    trusted_proxies: list[str] = Field(default_factory=list, description="addresses whose X-Forwarded-For is believed; "
+                                                                         "default: none")
     limits: Limits = Field(default_factory=Limits)
     guardrails: GuardrailsConfig | None = None
     rag: dict[str, RetrievalConfig] = Field(default_factory=dict, description="task -> knowledge index")
@@ -105,12 +145,15 @@ class ServeConfig(BaseModel):
     def resolved_state_file(self) -> Path:
         return self.state_file or self.adapters_root / ".serve-state.json"
 
-    def keys(self) -> tuple[set[str], str | None]:
+    def keys(self) -> Keys:
         env = [k.strip() for k in os.environ.get("GUARDTUNE_API_KEYS", "").split(",") if k.strip()]
         users, admin = set(self.api_keys) | set(env), os.environ.get("GUARDTUNE_ADMIN_KEY") or self.admin_key
+        ops = os.environ.get("GUARDTUNE_OPS_KEY") or self.ops_key
         if admin is not None and admin in users:  # a user key must never open /admin
             raise GuardtuneError("the admin key must differ from every API key (admin_key / GUARDTUNE_ADMIN_KEY)")
-        return users, admin
+        if ops is not None and (ops in users or ops == admin):
+            raise GuardtuneError("the ops key must differ from every API key and the admin key")
+        return Keys(users, admin, ops)
 
     def initial_tasks(self) -> dict[str, Path]:
         if self.tasks is not None:

@@ -1,6 +1,6 @@
 """The ASGI gate in front of every route: keys by path prefix, then a bounded body read.
 
-Keys are checked here by prefix, so a new /v1 or /admin route cannot be added without them, and a
+Keys are checked here by prefix, so a new /v1, /admin or ops route cannot be added without them, and a
 client without a key cannot make the server read or wait for its body. The body is then read whole,
 under a size cap and a deadline, before the app sees it: uvicorn bounds neither the size of a chunked
 body nor how slowly a body may trickle in (a slowloris client holds its request open for ever).
@@ -12,14 +12,20 @@ import asyncio
 
 from starlette.requests import Request
 
-from serving.auth import require_admin, require_user
+from serving.auth import require_admin, require_ops, require_user
+from serving.config import Keys
 from serving.errors import APIError
+
+OPS_PATHS = ("/metrics", "/dashboard")  # and everything under /dashboard/
+
+
+def is_ops_path(path: str) -> bool:
+    return path in OPS_PATHS or path.startswith("/dashboard/")
 
 
 class RequestGate:
-    def __init__(self, app, *, user_keys: set[str], admin_key: str | None, protect_ops: bool,
-                 max_body_bytes: int, body_timeout_s: float):
-        self.app, self.user_keys, self.admin_key, self.protect_ops = app, user_keys, admin_key, protect_ops
+    def __init__(self, app, *, keys: Keys, max_body_bytes: int, body_timeout_s: float):
+        self.app, self.keys, self.ops_readers = app, keys, keys.ops_readers()
         self.max_body_bytes, self.body_timeout_s = max_body_bytes, body_timeout_s
 
     async def __call__(self, scope, receive, send):
@@ -45,10 +51,12 @@ class RequestGate:
 
     def _authorize(self, request: Request) -> None:
         path = request.url.path
-        if path == "/v1" or path.startswith("/v1/") or (self.protect_ops and path == "/metrics"):
-            require_user(request, self.user_keys)
+        if path == "/v1" or path.startswith("/v1/"):
+            require_user(request, self.keys.users)
         elif path == "/admin" or path.startswith("/admin/"):
-            require_admin(request, self.admin_key)
+            require_admin(request, self.keys.admin)
+        elif is_ops_path(path):
+            require_ops(request, self.ops_readers)
 
     async def _read_body(self, scope, receive) -> bytes:
         cap = self.max_body_bytes

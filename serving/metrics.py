@@ -28,7 +28,7 @@ class RequestRecord:
     output_tokens: int
     e2e_s: float
     ttft_s: float | None
-    guardrail: str = "none"  # none | blocked | redacted | script | fallback | monitor_script | monitor_fallback
+    guardrail: str = "none"  # none | blocked | redacted | script | fallback | monitor_script | monitor_fallback | leak
     blocked_by: str | None = None  # the scanner that blocked
     stage: str | None = None  # dialogue stage the compliance decision used
     fallback: str | None = None  # "<stage>/<variant>" when a fallback went out (or would have, in monitor)

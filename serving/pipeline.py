@@ -10,6 +10,7 @@ Guardrails and RAG plug in here (issue #4) as stages; serving itself knows no po
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -24,6 +25,23 @@ class ChatContext:
     report: dict = field(default_factory=dict)  # returned to the client as `guardrails`
     system_prompt: str | None = None  # the task's manifest prompt, for stages that add a system turn
     citations: list[dict] = field(default_factory=list)  # returned to the client as `citations`
+    principal: str | None = None  # the caller's key id: sessions are scoped by it
+    names: list[str] = field(default_factory=list)  # the turns' `name` fields, moderated like content
+    # What a reply must not repeat: the manifest's system prompt and the client's system turns, taken
+    # before retrieval adds its sources (quoting those is what a cited answer does).
+    protected: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.protected:
+            self.protected = ([self.system_prompt] if self.system_prompt else []) + [
+                m["content"] for m in self.messages if m["role"] in ("system", "developer")]
+
+    @property
+    def scoped_session(self) -> str | None:
+        """The session as stored: one key's "s-1" is never another key's."""
+        if self.session_id is None:
+            return None
+        return hashlib.sha256(f"{self.principal or ''}\0{self.session_id}".encode()).hexdigest()[:32]
 
 
 @dataclass
@@ -47,7 +65,13 @@ class PostStage(Protocol):
 
 class AuditSink(Protocol):
     def applies(self, task: str) -> bool: ...
-    def write(self, record: dict) -> None: ...
+    async def write(self, record: dict) -> None: ...
+
+
+class OutputGuard(Protocol):
+    def filter_for(self, ctx: ChatContext): ...  # a guardrails.output.OutputFilter, or None when unguarded
+    def canary(self, task: str) -> str | None: ...
+    def leak_reply(self) -> str: ...
 
 
 @dataclass
@@ -55,6 +79,10 @@ class Pipeline:
     pre: list[PreStage] = field(default_factory=list)
     post: list[PostStage] = field(default_factory=list)
     audit: AuditSink | None = None
+    output: OutputGuard | None = None
+
+    def canary(self, task: str) -> str | None:
+        return self.output.canary(task) if self.output is not None else None
 
     def audits(self, task: str) -> bool:
         return self.audit is not None and self.audit.applies(task)

@@ -18,18 +18,33 @@ class PromptFormat:
         return cls(m.chat_template, m.system_prompt, tuple(m.stop_tokens))
 
 
+WORD_JOINER = "\u2060"  # invisible, and splits a control-token string so the tokenizer reads it as text
+
+
 class PromptRenderer:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        # Every added token (<|im_start|>, <|im_end|>, ...) is matched as a whole string by the tokenizer,
+        # so message text holding one would become a real control token: those strings are broken up.
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()} | set(tokenizer.all_special_tokens)
+        self.control = sorted((t for t in added if len(t) > 1), key=len, reverse=True)
+
+    def inert(self, text: str) -> str:
+        """`text` with every control-token string broken, so it can only ever tokenize as text."""
+        for token in self.control:
+            if token in text:
+                text = text.replace(token, token[0] + WORD_JOINER + token[1:])
+        return text
 
     def base_format(self, eos_ids: list[int]) -> PromptFormat:
         stops = tuple(dict.fromkeys(self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids))
         return PromptFormat(self.tokenizer.chat_template, None, stops)
 
     def render(self, fmt: PromptFormat, messages: list[dict]) -> list[int]:
-        msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": m["content"]} for m in messages]
+        msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": self.inert(m["content"])}
+                for m in messages]
         if fmt.system_prompt is not None and msgs[0]["role"] != "system":
-            msgs.insert(0, {"role": "system", "content": fmt.system_prompt})
+            msgs.insert(0, {"role": "system", "content": self.inert(fmt.system_prompt)})
         text = self.tokenizer.apply_chat_template(msgs, chat_template=fmt.chat_template, tokenize=False,
                                                   add_generation_prompt=True)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -3,46 +3,102 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import os
 import time
 
+import anyio
+
 from guardrails.moderation import Moderator
+from guardrails.output import LeakIndex, OutputFilter
+from guardrails.privacy import redact_deep
+from guardrails.scanners.pii import PII
 from serving.pipeline import ChatContext, Intercept
 
-SCANNED_ROLES = ("user", "system", "developer")  # everything the client wrote
+BASE = "base"  # the metrics and audit label of the base model
+SERVER_IDS = frozenset({"request_id", "ts", "api_key_id"})  # made by the server: never PII, kept verbatim
+WHOLE_SCANNERS = ("prompt_injection", "banned_topics")  # the detectors that also read the request as one text
 
 
-def guarded(tasks: set[str], task: str) -> bool:
-    """The guardrails' `tasks:` list: names, or '*' for every task and the base."""
-    return "*" in tasks or task in tasks
+class GuardScope:
+    """Which requests the guardrails cover: the `tasks:` list ('*' is every task) and the base model."""
+
+    def __init__(self, tasks: list[str], base_model: str = "guarded"):
+        self.tasks, self.base_model = set(tasks), base_model
+
+    def covers(self, task: str) -> bool:
+        if task == BASE:
+            return self.base_model == "guarded"
+        return "*" in self.tasks or task in self.tasks
 
 
 class ModerationStage:
-    """Every client-written turn goes through the scanners; a block never reaches the engine."""
+    """Every client-written turn (any role, and its `name`) goes through the scanners, then the whole
+    request as one text, so a payload split across turns is read whole. A block never reaches the engine."""
 
     name = "moderation"
 
-    def __init__(self, moderator: Moderator, tasks: list[str]):
-        self.moderator, self.tasks = moderator, set(tasks)
+    def __init__(self, moderator: Moderator, scope: GuardScope):
+        self.moderator, self.scope = moderator, scope
+        self.detectors = [s for s in moderator.scanners if s.name in WHOLE_SCANNERS]
 
     async def before(self, ctx: ChatContext) -> Intercept | None:
-        if not guarded(self.tasks, ctx.task):
+        if not self.scope.covers(ctx.task):
             return None
+        return await asyncio.to_thread(self._moderate, ctx)  # one thread hop for the whole request
+
+    def _moderate(self, ctx: ChatContext) -> Intercept | None:
+        t0 = time.perf_counter()
         reports = []
-        for m in ctx.messages:
-            if m["role"] not in SCANNED_ROLES:
-                continue
-            res = await asyncio.to_thread(self.moderator.check, m["content"])
+        texts = [m["content"] for m in ctx.messages] + ctx.names
+        for i, text in enumerate(texts):
+            res = self.moderator.check(text)
             reports.append(res.report())
-            m["content"] = res.text  # normalised, PII redacted: also what the audit keeps of a blocked turn
+            if i < len(ctx.messages):
+                ctx.messages[i]["content"] = res.text  # normalised, PII redacted
             if (blocked := res.blocked_by) is not None:
-                ctx.report["input"] = {"blocked_by": blocked.scanner, "score": round(blocked.score, 4),
-                                       "reason": blocked.reason, "verdicts": res.report()["verdicts"],
-                                       "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
-                return Intercept(self.moderator.refusal(blocked.scanner))
+                return self._block(ctx, blocked, res.report()["verdicts"], t0)
+        if len(texts) > 1:
+            whole = " ".join(m["content"] for m in ctx.messages)
+            for scanner in self.detectors:
+                if not (v := scanner.scan(whole)).valid:
+                    return self._block(ctx, v, [{"scanner": v.scanner, "valid": False, "score": round(v.score, 4),
+                                                 "reason": f"whole request: {v.reason}"}], t0)
         redacted = [v for r in reports for v in r["verdicts"] if v["scanner"] == "pii" and v["score"] > 0]
         ctx.report["input"] = {"blocked_by": None, "redacted": [v["reason"] for v in redacted],
-                               "latency_ms": round(sum(r["latency_ms"] for r in reports), 2)}
+                               "latency_ms": _ms(t0)}
         return None
+
+    def _block(self, ctx: ChatContext, blocked, verdicts: list[dict], t0: float) -> Intercept:
+        ctx.report["input"] = {"blocked_by": blocked.scanner, "score": round(blocked.score, 4),
+                               "reason": blocked.reason, "verdicts": verdicts, "latency_ms": _ms(t0)}
+        return Intercept(self.moderator.refusal(blocked.scanner))
+
+
+class OutputStage:
+    """PII redaction and system-prompt leak checks on every guarded reply (streamed or whole)."""
+
+    def __init__(self, cfg, scope: GuardScope):
+        self.cfg, self.scope = cfg, scope
+        self.pii = PII() if cfg.redact_pii else None
+        self._secret = os.urandom(16)  # canaries differ per process, so no log or old reply predicts one
+
+    def canary(self, task: str) -> str | None:
+        if not self.cfg.canary or not self.scope.covers(task):
+            return None
+        return "gt-" + hmac.new(self._secret, task.encode(), hashlib.sha256).hexdigest()[:12]
+
+    def filter_for(self, ctx: ChatContext) -> OutputFilter | None:
+        if not self.scope.covers(ctx.task):
+            return None
+        leaks = LeakIndex.of(ctx.protected, self.cfg.leak_min_chars)
+        if (marker := self.canary(ctx.task)) is not None:
+            leaks.markers.append(marker)
+        return OutputFilter(self.pii, leaks)
+
+    def leak_reply(self) -> str:
+        return self.cfg.leak_reply
 
 
 class ComplianceStage:
@@ -50,11 +106,11 @@ class ComplianceStage:
 
     name = "compliance"
 
-    def __init__(self, cfg, tasks: list[str], output_scanners=None):
+    def __init__(self, cfg, scope: GuardScope, output_scanners=None):
         from guardrails.compliance import Compliance
         from guardrails.stores import open_session_store
 
-        self.cfg, self.tasks = cfg, set(tasks)
+        self.cfg, self.scope = cfg, scope
         self.compliance = Compliance(self._load_store(), output_scanners=output_scanners)
         self.sessions = open_session_store(cfg.sessions_db)  # SQLite file, or PostgreSQL shared by replicas
 
@@ -72,7 +128,7 @@ class ComplianceStage:
         return {"version": store.version, "scripts": len(store.scripts), "path": str(store.path)}
 
     def _mode(self, task: str):
-        if not guarded(self.tasks, task):
+        if not self.scope.covers(task):
             return None
         t = self.cfg.for_task(task)
         return None if t.mode == "off" else t
@@ -85,32 +141,49 @@ class ComplianceStage:
         t = self._mode(ctx.task)
         if t is None:
             return text
+        return await asyncio.to_thread(self._decide, ctx, text, t)
+
+    def _decide(self, ctx: ChatContext, text: str, t) -> str:
+        """Stage, then decision, off the event loop (session reads and writes are database calls)."""
+        session = ctx.scoped_session  # a session belongs to the key that made it
         stage = ctx.dialogue_stage
         if stage is None:
-            previous = self.sessions.get_stage(ctx.session_id) if ctx.session_id else None
+            previous = self.sessions.get_stage(session) if session else None
             last_user = next((m["content"] for m in reversed(ctx.messages) if m["role"] == "user"), "")
-            stage = await asyncio.to_thread(self.compliance.infer_stage, last_user, previous)
-        if ctx.session_id and stage:
-            self.sessions.set_stage(ctx.session_id, stage)
-        decision = await asyncio.to_thread(self.compliance.decide, text, stage=stage, session_id=ctx.session_id,
-                                           threshold=t.threshold)
-        ctx.report["output"] = {"mode": t.mode, "raw": text, **decision.report()}
+            stage = self.compliance.infer_stage(last_user, previous)
+        if session and stage:
+            self.sessions.set_stage(session, stage)
+        decision = self.compliance.decide(text, stage=stage, session_id=session, threshold=t.threshold)
+        # The raw reply is not in the report: the report goes to the client, the raw reply only to the audit.
+        ctx.report["output"] = {"mode": t.mode, **decision.report()}
         return decision.sent if t.mode == "enforce" else text
 
 
 class Audit:
-    """Every guarded request leaves one durable record (written before the reply is finished)."""
+    """Every guarded request leaves one durable record (written before the reply is finished).
 
-    def __init__(self, path, tasks: list[str]):
+    Every string in it is PII-redacted first, whatever the moderation settings and whatever blocked
+    the request, and the write runs in a thread, shielded: a client that hangs up mid-stream still
+    leaves its record."""
+
+    def __init__(self, path, scope: GuardScope):
         from guardrails.stores import open_audit_store
 
-        self.store, self.tasks = open_audit_store(path), set(tasks)  # SQLite file or postgresql:// URL
+        self.store, self.scope = open_audit_store(path), scope  # SQLite file or postgresql:// URL
+        self._pii = PII()
 
     def applies(self, task: str) -> bool:
-        return guarded(self.tasks, task)
+        return self.scope.covers(task)
 
-    def write(self, record: dict) -> None:
-        self.store.write(record)
+    async def write(self, record: dict) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._write, record)
+
+    def _write(self, record: dict) -> None:
+        self.store.write(redact_deep(record, self._pii, keep=SERVER_IDS))
+
+    async def purge_older_than(self, days: float) -> int:
+        return await anyio.to_thread.run_sync(self.store.purge, time.time() - days * 86400)
 
 
 class RetrievalStage:
@@ -149,3 +222,7 @@ class RetrievalStage:
         ctx.report["retrieved"] = [f"{h.doc_id}#{h.chunk}" for h in hits]
         ctx.report["retrieval_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return None
+
+
+def _ms(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000, 2)

@@ -109,3 +109,23 @@ def two_adapters(tmp_path_factory, tiny_data) -> tuple[Path, dict[str, Path]]:
 
 OTTER = "Otter Bikes"
 OTTER_TASK = "otter"
+
+
+LEAKED_EMAIL, LEAKED_CARD = "ana.lee@example.com", "4111 1111 1111 1111"
+
+
+@pytest.fixture(scope="session")
+def leaky_adapter(two_adapters, tmp_path_factory) -> Path:
+    """A real adapter that memorised a customer's email and card number from its training data (the
+    failure the output filter exists for): every reply it gives carries both. Under two_adapters' root."""
+    from training.config import validate
+    from training.trainer import train
+
+    root, _ = two_adapters
+    tmp = tmp_path_factory.mktemp("leaky")
+    reply = f"Write to {LEAKED_EMAIL} or pay with card {LEAKED_CARD}."
+    data = write_jsonl(tmp / "leaky.jsonl", [{"messages": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": reply}]} for q in QUESTIONS])
+    cfg = tiny_config(tmp, data, task="leaky", output_dir=str(root / "leaky"), run_dir=str(tmp / "runs"),
+                      max_steps=14, eval_split=0.0)
+    return train(validate(cfg), log=lambda m: None)

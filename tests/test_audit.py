@@ -1,19 +1,25 @@
-"""The audit store: one durable record per request, filters, threads, kill -9, bad-case export, CLI."""
+"""The audit store: one durable record per request, filters, paging, purge, threads, kill -9, bad-case
+export, CLI. Tests that take `store` run on PostgreSQL too (tests/test_postgres_store.py)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from guardrails.audit import AuditStore, export_badcases
+from guardrails.audit import QUERY_FILTERS, AuditBackend, AuditStore, audit_page, export_badcases
+from guardrails.stores import open_audit_store
+from guardrails.stores.postgres import PostgresAuditStore
 from guardtune.errors import GuardtuneError
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = 1_700_000_000.0
@@ -114,6 +120,116 @@ def test_concurrent_writes_from_threads(store):
     assert not errors
     assert store.count() == 200
     assert all(store.get(f"req-{t * 1000 + j:04d}") for t in range(4) for j in range(50))
+
+
+def ids(records: list[dict]) -> list[str]:
+    return [r["request_id"] for r in records]
+
+
+def test_query_and_count_take_the_same_filters():
+    """Both backends, and the protocol, spell query's and count's filters identically (serving pairs them)."""
+    def kwonly(fn) -> dict:
+        return {n: (p.annotation, p.default) for n, p in inspect.signature(fn).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+
+    for cls in (AuditBackend, AuditStore, PostgresAuditStore):
+        query, count = kwonly(cls.query), kwonly(cls.count)
+        assert tuple(count) == QUERY_FILTERS, cls
+        assert query == {**count, "limit": ("int", 100), "offset": ("int", 0)}, cls
+        assert kwonly(cls.purge) == {"batch": ("int", 1000)}, cls
+        assert kwonly(cls.query) == kwonly(AuditStore.query) and kwonly(cls.count) == kwonly(AuditStore.count)
+
+
+def test_offset_pages_cover_every_row_once_newest_first(store):
+    # Pairs share a ts, so the request_id tie-break decides the order within a pair.
+    for i in range(23):
+        store.write(rec(i, ts=T0 + i // 2, outcome=("passed", "blocked")[i % 2]))
+    newest_first = ids(sorted((rec(i, ts=T0 + i // 2) for i in range(23)),
+                              key=lambda r: (r["ts"], r["request_id"]), reverse=True))
+    assert ids(store.query(limit=-1)) == newest_first
+
+    pages, offset = [], 0
+    while offset is not None:
+        page = audit_page(store, offset=offset, limit=5)
+        assert page["count"] == len(page["records"]) and page["total"] == 23
+        pages.append(page)
+        offset = page["next_offset"]
+    assert [p["count"] for p in pages] == [5, 5, 5, 5, 3]
+    assert [p["next_offset"] for p in pages] == [5, 10, 15, 20, None]
+    assert [rid for p in pages for rid in ids(p["records"])] == newest_first
+    # The same pages straight from query(offset=...).
+    assert [rid for o in range(0, 23, 5) for rid in ids(store.query(limit=5, offset=o))] == newest_first
+
+    # Filtered: 11 blocked records, 4 per page; the same filters go to query and count.
+    blocked, offset = [], 0
+    while offset is not None:
+        page = audit_page(store, offset=offset, limit=4, outcome="blocked", task="sales")
+        assert page["total"] == store.count(outcome="blocked", task="sales") == 11
+        blocked += ids(page["records"])
+        offset = page["next_offset"]
+    assert blocked == [rid for rid in newest_first if int(rid[-4:]) % 2 == 1]
+
+    # A last page that is exactly full says there is no next one; past the end is empty.
+    assert audit_page(store, offset=18, limit=5)["next_offset"] is None
+    assert audit_page(store, offset=30, limit=5) == {"records": [], "count": 0, "total": 23, "next_offset": None}
+    assert audit_page(store, since=T0 + 100) == {"records": [], "count": 0, "total": 0, "next_offset": None}
+    for bad in (dict(offset=-1), dict(limit=0), dict(offset="5"), dict(limit=True), dict(stage="greeting")):
+        with pytest.raises(GuardtuneError, match="audit page"):
+            audit_page(store, **bad)
+
+
+def test_purge_removes_only_older_rows(store):
+    for i in range(30):
+        store.write(rec(i))  # ts T0 + i
+    assert store.purge(T0 + 10) == 10  # strictly older: req-0010 (ts == cut-off) stays
+    assert store.count() == 20 and store.get("req-0009") is None and store.get("req-0010") is not None
+    assert ids(store.query(limit=-1)) == [f"req-{i:04d}" for i in range(29, 9, -1)]
+    assert store.purge(T0 + 10) == 0  # nothing left to purge is no error
+    assert store.purge(T0 + 25, batch=3) == 15  # several batches, one count
+    assert store.count() == 5 and store.query(limit=-1)[-1]["request_id"] == "req-0025"
+    assert store.purge(float("-inf")) == 0 and store.count() == 5
+    for bad in (dict(before_ts=float("nan")), dict(before_ts="yesterday"), dict(before_ts=True),
+                dict(before_ts=T0, batch=0), dict(before_ts=T0, batch=2.5)):
+        with pytest.raises(GuardtuneError, match="audit purge"):
+            store.purge(**bad)
+    assert store.purge(float("inf")) == 5 and store.count() == 0
+
+
+def test_purge_while_writing(store):
+    """A purge in small batches while a thread writes newer records: it takes exactly the old ones."""
+    for i in range(300):
+        store.write(rec(i))
+    errors: list[BaseException] = []
+    writing = threading.Event()
+
+    def write_new() -> None:
+        try:
+            for j in range(150):
+                store.write(rec(10_000 + j))  # ts T0 + 10000 + j: after the cut-off
+                if j == 10:
+                    store.write(rec(5, ts=T0 + 20_000))  # a retry moves an old record past the cut-off
+                    writing.set()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            writing.set()
+
+    writer = threading.Thread(target=write_new)
+    writer.start()
+    writing.wait(30)
+    purged = store.purge(T0 + 5_000, batch=7)
+    writer.join()
+    assert not errors
+    assert purged == 299  # all the old records but the rewritten one
+    assert store.get("req-0005")["ts"] == T0 + 20_000 and store.count() == 151
+    assert all(store.get(f"req-{10_000 + j:04d}") for j in range(150))
+    assert store.purge(T0 + 5_000) == 0
+
+
+def test_purge_finds_old_rows_through_the_ts_index(store):
+    plan = " ".join(row[-1] for row in store._db().execute(
+        "EXPLAIN QUERY PLAN " + store._PURGE_SQL, (T0, 10)).fetchall())
+    assert "USING COVERING INDEX audit_ts" in plan, plan
 
 
 WRITER = """
@@ -235,6 +351,46 @@ def test_cli_audit_show_and_badcases(tmp_path):
     assert p.stdout.strip() == (f"wrote 2 rows to {out}; skipped 2 "
                                 "(1 no raw generation; 1 sent reply equals raw generation)")
     assert len(out.read_text().splitlines()) == 2
+
+
+def guardtune(*args: str) -> subprocess.CompletedProcess:
+    """The `guardtune` command itself (its parser, run_cli's one-line errors), as a user runs it."""
+    return run_cli("-m", "guardtune.cli", *args, timeout=120)
+
+
+def assert_cli_purge(db: str) -> None:
+    """`guardtune audit purge` on a SQLite path or a PostgreSQL URL: deletes by age, one line out."""
+    now = time.time()
+    with open_audit_store(db) as store:
+        for age in (0, 1, 2, 5, 10, 40):  # days
+            store.write(rec(age, ts=now - age * 86400))
+        shown = str(store.path)  # a URL's password never shows
+    p = guardtune("audit", "purge", "--db", db, "--older-than-days", "3")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("purged 3 records older than 3 days (before ") and p.stdout.count("\n") == 1
+    assert p.stdout.endswith(f" UTC) from {shown}\n") and p.stderr == ""
+    with open_audit_store(db) as store:
+        assert ids(store.query()) == ["req-0000", "req-0001", "req-0002"]
+    for bad, message in ((["--older-than-days", "-3"], "--older-than-days: need a number of days >= 0, got '-3'"),
+                         (["--older-than-days=abc"], "--older-than-days: need a number of days >= 0, got 'abc'"),
+                         (["--older-than-days", "inf"], "--older-than-days: need a number of days >= 0, got 'inf'"),
+                         ([], "audit purge needs --older-than-days N")):
+        p = guardtune("audit", "purge", "--db", db, *bad)
+        assert (p.returncode, p.stdout, p.stderr) == (2, "", f"error: {message}\n")
+    p = guardtune("audit", "--db", db, "--outcome", "passed", "purge", "--older-than-days", "0")
+    assert (p.returncode, p.stderr) == (2, "error: audit purge deletes by age only; --outcome does not apply to it\n")
+    p = guardtune("audit", "--db", db, "purge", "--older-than-days", "0.5")  # --db before `purge` works too
+    assert p.returncode == 0 and p.stdout.startswith("purged 2 records older than 0.5 days"), p.stdout + p.stderr
+    with open_audit_store(db) as store:
+        assert ids(store.query()) == ["req-0000"]
+
+
+def test_cli_purge(tmp_path):
+    assert_cli_purge(str(tmp_path / "audit.db"))
+    missing = tmp_path / "nope.db"
+    p = guardtune("audit", "purge", "--db", str(missing), "--older-than-days", "1")
+    assert (p.returncode, p.stderr) == (2, f"error: audit db {missing}: no such file\n")
+    assert not missing.exists()  # purging never creates a store
 
 
 def test_cli_missing_db_is_one_line_error(tmp_path):

@@ -83,16 +83,17 @@ def test_bad_library_and_corrupt_store_are_refused(tmp_path, store):
 def test_monitor_records_but_sends_the_raw_reply(store, tmp_path):
     from serving.config import ComplianceConfig
     from serving.pipeline import ChatContext
-    from serving.stages import ComplianceStage
+    from serving.stages import ComplianceStage, GuardScope
 
     cfg = ComplianceConfig(store=store.path, mode="monitor", threshold=0.6, sessions_db=tmp_path / "s.db",
                            per_task={"strict": {"mode": "enforce", "threshold": 0.99}})
-    stage = ComplianceStage(cfg, ["sales", "strict"])
+    stage = ComplianceStage(cfg, GuardScope(["sales", "strict"]))
     ctx = ChatContext("r1", "sales", [{"role": "user", "content": "How much is the battery?"}], session_id="abc")
     raw = "It is around 7000 dollars."
     assert asyncio.run(stage.after(ctx, raw)) == raw and not stage.buffers("sales")
     assert ctx.report["output"]["mode"] == "monitor" and ctx.report["output"]["stage"] == "pricing"
-    assert stage.sessions.get_stage("abc") == "pricing"  # tracked for the next turn
+    assert "raw" not in ctx.report["output"]  # the report goes to the client; the raw reply does not
+    assert stage.sessions.get_stage(ctx.scoped_session) == "pricing"  # tracked for the next turn
     strict = ChatContext("r2", "strict", [{"role": "user", "content": "hello"}], session_id="abc",
                          dialogue_stage="closing")
     sent = asyncio.run(stage.after(strict, raw))

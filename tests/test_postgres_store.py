@@ -140,6 +140,9 @@ def store(pg_url):
     sqlite_audit.test_query_count_filters_and_newest_first,
     sqlite_audit.test_rewrite_is_idempotent,
     sqlite_audit.test_concurrent_writes_from_threads,
+    sqlite_audit.test_offset_pages_cover_every_row_once_newest_first,
+    sqlite_audit.test_purge_removes_only_older_rows,
+    sqlite_audit.test_purge_while_writing,
 ], ids=lambda f: f.__name__.removeprefix("test_"))
 def test_audit_behaviour_same_as_sqlite(case, store):
     case(store)
@@ -174,6 +177,41 @@ def test_order_is_bytewise_like_sqlite_and_nul_is_stored(store, tmp_path):
         assert len(store.query(limit=-1, offset=-3)) == len(ref.query(limit=-1, offset=-3)) == len(ids)
 
 
+def test_purge_finds_old_rows_through_the_ts_index(store):
+    for i in range(50):
+        store.write(rec(i))
+
+    def plan(c) -> str:
+        with c.transaction():  # SET LOCAL: the planner setting ends with this transaction
+            c.execute("SET LOCAL enable_seqscan TO off")  # a table this small would be scanned whole otherwise
+            rows = c.execute("EXPLAIN " + store._PURGE_SQL, (T0, T0, 10)).fetchall()
+        return " ".join(r[0] for r in rows)
+
+    assert "guardtune_audit_ts" in store._c.run(plan)
+    assert store.count() == 50  # EXPLAIN without ANALYZE deletes nothing
+
+
+def test_two_replicas_purge_at_once(pg_url):
+    """Two replicas' retention jobs at once: no deadlock, no wait, each old record counted once."""
+    import threading
+
+    stores = [open_audit_store(pg_url) for _ in range(2)]
+    try:
+        for i in range(400):
+            stores[0].write(rec(i))
+        counts: list[int] = []
+        threads = [threading.Thread(target=lambda s=s: counts.append(s.purge(T0 + 300, batch=5))) for s in stores]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert len(counts) == 2 and sum(counts) == 300
+        assert stores[1].count() == 100
+    finally:
+        for s in stores:
+            s.close()
+
+
 # --- several replicas ------------------------------------------------------------------------------
 
 def test_two_replicas_share_sessions_and_audit(pg_url):
@@ -203,20 +241,21 @@ def test_two_serving_replicas_carry_the_dialogue_stage(pg_url, tmp_path):
     from guardrails.scripts import build_store
     from serving.config import ComplianceConfig, GuardrailsConfig
     from serving.pipeline import ChatContext
-    from serving.stages import Audit, ComplianceStage
+    from serving.stages import Audit, ComplianceStage, GuardScope
 
     build_store(ROOT / "examples" / "guardrails" / "scripts.yaml", tmp_path / "scripts", log=lambda m: None)
     g = GuardrailsConfig(tasks=["sales"], audit_db=pg_url,
                          compliance=ComplianceConfig(store=tmp_path / "scripts", sessions_db=pg_url, mode="monitor"))
     assert g.audit_db == pg_url and g.compliance.sessions_db == pg_url  # URLs survive the config intact
-    replica_a, replica_b = ComplianceStage(g.compliance, g.tasks), ComplianceStage(g.compliance, g.tasks)
-    audit_a, audit_b = Audit(g.audit_db, g.tasks), Audit(g.audit_db, g.tasks)
+    scope = GuardScope(g.tasks)
+    replica_a, replica_b = ComplianceStage(g.compliance, scope), ComplianceStage(g.compliance, scope)
+    audit_a, audit_b = Audit(g.audit_db, scope), Audit(g.audit_db, scope)
     try:
         first = ChatContext("r1", "sales", [{"role": "user", "content": "How much is the battery?"}], session_id="s9")
         asyncio.run(replica_a.after(first, "It is around 7000 dollars."))
         assert first.report["output"]["stage"] == "pricing"
-        assert replica_b.sessions.get_stage("s9") == "pricing"  # inferred on A, known on B
-        audit_a.write({"request_id": "r1", "task": "sales", "session_id": "s9", "outcome": "monitor"})
+        assert replica_b.sessions.get_stage(first.scoped_session) == "pricing"  # inferred on A, known on B
+        asyncio.run(audit_a.write({"request_id": "r1", "task": "sales", "session_id": "s9", "outcome": "monitor"}))
         assert audit_b.store.get("r1")["outcome"] == "monitor"
     finally:
         for s in (replica_a.sessions, replica_b.sessions, audit_a.store, audit_b.store):
@@ -275,6 +314,10 @@ def test_cli_audit_show_and_badcases_on_postgres(pg_url, tmp_path):
     p = cli("audit", "--db", "mysql://u:pw@h/db")
     assert p.returncode == 2
     assert p.stderr == "error: audit db mysql://u:***@h/db: only postgresql:// URLs or SQLite file paths are supported\n"
+
+
+def test_cli_purge_on_postgres(pg_url):
+    sqlite_audit.assert_cli_purge(pg_url)
 
 
 def test_bare_url_takes_the_connection_from_pg_environment(pg, pg_url, monkeypatch):

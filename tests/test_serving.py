@@ -232,7 +232,7 @@ def test_swap_under_streaming_load_drops_and_mixes_nothing(server, two_adapters)
         assert all(signature_of[target] in t for t in texts), (fingerprint, texts)
     assert names[swaps[1]] == str(adapters["kestrel"].resolve())
     # The committed mapping on disk is the last one.
-    metrics = httpx.get(f"{server.url}/metrics").text
+    metrics = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}).text
     assert 'guardtune_adapter_swaps_total{task="sales"}' in metrics
 
 
@@ -255,7 +255,7 @@ def test_adapters_cli_lists_and_swaps(server, two_adapters):
 
 
 def test_metrics_expose_ours_and_vllms(server):
-    text = httpx.get(f"{server.url}/metrics").text
+    text = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {USER_KEY}"}).text
     for name in ("guardtune_request_latency_seconds_bucket", "guardtune_time_to_first_token_seconds_bucket",
                  "guardtune_time_per_output_token_seconds_bucket", "guardtune_latency_by_output_length_seconds_bucket",
                  "guardtune_requests_total", "guardtune_queue_depth", "vllm:"):

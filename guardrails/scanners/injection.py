@@ -3,19 +3,20 @@
 Patterns cover English, Chinese and German phrasings of "ignore your instructions", "show your system
 prompt" and role-play around the rules. The semantic check embeds the input with the packaged MiniLM
 and compares it with an exemplar set; MiniLM is an English model, so the patterns carry the other
-languages.
+languages. The patterns run on RE2 over the whole text in linear time; the embedding reads bounded
+windows of it (guardrails/embeddings.py), so neither costs more than the text's length allows.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from guardrails.scanners import linear
 from guardrails.scanners.base import Verdict
 
 _EXEMPLARS = Path(__file__).resolve().parents[1] / "data" / "injection_exemplars.txt"
 
-PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+SOURCES = (
     # English
     r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}\b(previous|prior|above|earlier|all|your|the)\b.{0,20}"
     r"\b(instructions?|rules?|guidelines?|prompts?|polic(y|ies)|restrictions?)",
@@ -38,7 +39,8 @@ PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
     r"|ursprünglichen anweisungen)",
     r"\b(tu so als|spiele|stell dir vor)\b.{0,40}\b(ohne|keine)\b.{0,15}\b(regeln|grenzen|einschränkungen|filter)",
     r"\bentwicklermodus\b",
-)]
+)
+PATTERNS = [linear.compile(p, ignore_case=True) for p in SOURCES]
 
 
 class Injection:
@@ -52,16 +54,18 @@ class Injection:
         self._vectors = None
 
     def _similarity(self, text: str) -> float:
-        from guardrails.embeddings import embed, embed_one
+        from guardrails.embeddings import embed, embed_windows
 
         if self._vectors is None:
             self._vectors = embed(self.exemplars)
-        return float((self._vectors @ embed_one(text)).max())
+        return float((self._vectors @ embed_windows(text).T).max())  # best exemplar over the text's windows
 
     def scan(self, text: str) -> Verdict:
+        data = linear.utf8(text)  # encoded once for all the patterns
         for p in PATTERNS:
-            if m := p.search(text):
-                return Verdict(self.name, text, False, 1.0, f"matches an injection pattern: {m.group()[:60]!r}")
+            if m := p.search(data):
+                return Verdict(self.name, text, False, 1.0,
+                               f"matches an injection pattern: {linear.decode(m.group())[:60]!r}")
         sim = self._similarity(text)
         if sim >= self.threshold:
             return Verdict(self.name, text, False, sim, f"similar ({sim:.2f}) to a known injection")

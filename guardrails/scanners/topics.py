@@ -24,12 +24,12 @@ class BannedTopics:
     def scan(self, text: str) -> Verdict:
         if not self.topics:
             return Verdict(self.name, text, True, 0.0)
-        from guardrails.embeddings import embed_one
+        from guardrails.embeddings import embed_windows
 
         if self._index is None:
             self._load()
         vectors, names = self._index
-        sims = vectors @ embed_one(text)
+        sims = (vectors @ embed_windows(text).T).max(axis=1)  # each phrase's best window of the text
         best = int(sims.argmax())
         score = float(sims[best])
         if score >= self.threshold:

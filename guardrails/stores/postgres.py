@@ -12,7 +12,9 @@ matter to an operator:
 - PostgreSQL text cannot hold NUL; a NUL in an indexed value (e.g. a client's session id) is
   stored as U+FFFD, in writes and in filters alike. The JSON record keeps it escaped, unchanged.
 - A lost connection (server restart, failover) is reopened once and the statement retried; every
-  statement here is idempotent (upserts and reads).
+  statement here is idempotent (upserts, reads, and purge batches: deleting what is gone is a no-op).
+- `purge` deletes in batches whose rows are locked with SKIP LOCKED: a row a replica is rewriting
+  right now is left for the next purge instead of making either side wait (or deadlock).
 
 The URL is libpq's (`postgresql://user@host:5432/db?sslmode=require`); anything it leaves out comes
 from the PG* environment variables (PGHOST, PGUSER, PGPASSWORD, ...), which keeps passwords out of
@@ -27,7 +29,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from guardrails.audit import _where, audit_row
+from guardrails.audit import PURGE_BATCH, _where, audit_row, check_purge
 from guardrails.stores import redact
 from guardtune.errors import GuardtuneError
 
@@ -165,7 +167,10 @@ class PostgresAuditStore:
     def query(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
               session_id: str | None = None, since: float | None = None,
               limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Records matching every given filter, newest first. `outcome` may be one value or several."""
+        """Records matching every given filter, newest first. `outcome` may be one value or several.
+
+        Same filters as `count` (guardrails.audit.QUERY_FILTERS); `offset` skips that many of the newest matches.
+        """
         where, params = self._where(task, outcome, session_id, since)
         # SQLite reads a negative LIMIT as "no limit" and a negative OFFSET as 0; PostgreSQL refuses both.
         lim = None if int(limit) < 0 else int(limit)
@@ -175,6 +180,7 @@ class PostgresAuditStore:
 
     def count(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
               session_id: str | None = None, since: float | None = None) -> int:
+        """How many records match; the same filters as `query`, so it is the total its pages walk through."""
         where, params = self._where(task, outcome, session_id, since)
         return self._c.run(lambda c: c.execute(f"SELECT COUNT(*) FROM guardtune_audit{where}",
                                                params).fetchone()[0])
@@ -194,6 +200,23 @@ class PostgresAuditStore:
             if len(rows) < page:
                 return
             key = (rows[-1][0], rows[-1][1])
+
+    def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int:
+        """Delete the records with ts < before_ts (unix seconds); returns how many were deleted.
+
+        A batch at a time, oldest first through the ts index, each batch its own short transaction,
+        so replicas writing meanwhile are never held up by a whole purge, nor are other purges.
+        """
+        cutoff, batch = check_purge(before_ts, batch)
+        total = 0
+        while deleted := self._c.run(lambda c: c.execute(self._PURGE_SQL, (cutoff, cutoff, batch)).rowcount):
+            total += deleted
+        return total
+
+    # FOR UPDATE rechecks `ts <` on the newest version of a row rewritten meanwhile and holds it until
+    # the delete, so a record whose retry moved it past the cut-off survives; the outer `ts <` says so too.
+    _PURGE_SQL = ("DELETE FROM guardtune_audit WHERE ts < %s AND request_id IN (SELECT request_id FROM guardtune_audit "
+                  "WHERE ts < %s ORDER BY ts LIMIT %s FOR UPDATE SKIP LOCKED)")
 
     @staticmethod
     def _where(task, outcome, session_id, since) -> tuple[str, list[Any]]:
