@@ -150,7 +150,7 @@ def test_k8s_objects_are_wired_to_each_other_and_to_the_server():
     # Keys and the database password from the Secret, under the names serving/config.py and libpq read.
     secret = objs[("Secret", "guardtune-keys")]
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"]}
-    assert set(env) == {"GUARDTUNE_API_KEYS", "GUARDTUNE_ADMIN_KEY", "PGPASSWORD"}
+    assert set(env) == {"GUARDTUNE_API_KEYS", "GUARDTUNE_ADMIN_KEY", "GUARDTUNE_OPS_KEY", "PGPASSWORD"}
     assert all(ref["name"] == "guardtune-keys" and ref["key"] in secret["stringData"] for ref in env.values())
     pg = objs[("ConfigMap", c["envFrom"][0]["configMapRef"]["name"])]["data"]
     assert {"PGHOST", "PGPORT", "PGDATABASE", "PGUSER"} <= set(pg)
