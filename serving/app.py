@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
@@ -23,8 +22,9 @@ from serving.errors import APIError, document_errors, errors, install_handlers
 from serving.gate import RequestGate
 from serving.limits import Admission, RateLimiter
 from serving.metrics import RequestRecord, ServeMetrics
+from serving.moderations import ModerationRequest, ModerationService
 from serving.pipeline import Pipeline
-from serving.protocol import ChatCompletion, ChatCompletionRequest, Text
+from serving.protocol import ChatCompletion, ChatCompletionRequest
 from serving.registry import AdapterRejected, TaskRegistry
 
 log = logging.getLogger("guardtune.serve")
@@ -129,17 +129,6 @@ async def watch_engine(state: ServerState, interval: float = 0.2) -> None:
 
         os.kill(os.getpid(), signal.SIGTERM)  # uvicorn drains (in-flight streams end with their error event)
         return
-
-
-MAX_MODERATION_INPUTS = 32
-
-
-class ModerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # The schema states what the handler enforces: one non-empty string, or 1 to 32 of them.
-    input: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
-                                                            Field(min_length=1, max_length=MAX_MODERATION_INPUTS)]
-    model: Text | None = None
 
 
 def default_pipeline(cfg: ServeConfig) -> Pipeline:
@@ -274,31 +263,12 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             raise
         return await chat.handle(body, caller)
 
-    moderator = None
+    moderations_service = ModerationService(state)
 
     @app.post("/v1/moderations")
     async def moderations(body: ModerationRequest, request: Request):
-        nonlocal moderator
         require_user(request, user_keys)
-        if moderator is None:  # the pipeline's own scanners when there are guardrails, else the defaults
-            stage = next((s for s in state.pipeline.pre if s.name == "moderation"), None)
-            if stage is not None:
-                moderator = stage.moderator
-            else:
-                from guardrails.moderation import Moderator
-
-                moderator = Moderator()
-        texts = [body.input] if isinstance(body.input, str) else body.input
-        if len(texts) > MAX_MODERATION_INPUTS or any(not t for t in texts):
-            raise APIError(400, f"input: 1 to {MAX_MODERATION_INPUTS} non-empty strings", param="input")
-        cap = cfg.limits.max_input_chars
-        if (longest := max(len(t) for t in texts)) > cap:  # before any scan, as for chat
-            raise APIError(400, f"an input holds {longest} characters; this server takes up to {cap}",
-                           param="input", code="input_too_long")
-        async with state.admission.slot():  # the same back-pressure as chat
-            results = await asyncio.to_thread(lambda: [moderator.openai_result(t) for t in texts])
-        return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
-                "results": results}
+        return await moderations_service.handle(body)
 
     async def reload_stage(request: Request, stages: list, name: str, missing: str):
         """Reload a stage's store from disk; a bad one is refused and the old one keeps serving."""
