@@ -9,10 +9,14 @@ Part 3, hostile sizes: each input scanner's time on 1 MB of adversarial text (wo
 and the backtracking e-mail pattern the scanners no longer use, timed in the same run for scale.
 Part 4: the worst /health latency on a guarded vLLM server while 1 MB hostile requests are in
 flight, against the same server idle.
-Results: bench/results/guard.{json,md}. --scan-only reruns part 3 alone, --health-only part 4 alone;
-each keeps the other parts' results.
+Part 5: detection on the classifier's held-out test split: the classifier against the injection
+patterns plus MiniLM similarity (the check before it), per category and language (bench/detection.py).
+Results: bench/results/guard.{json,md}. --scan-only reruns part 3 alone, --health-only part 4 alone,
+--detection-only part 5 alone (--external DIR adds sets kept outside the repository); each keeps the
+other parts' results.
 
-    .venv/bin/python bench/guard_bench.py [--sizes 10000 100000 1000000] [--skip-server] [--scan-only|--health-only]
+    .venv/bin/python bench/guard_bench.py [--sizes 10000 100000 1000000] [--skip-server]
+        [--scan-only|--health-only|--detection-only [--external DIR]]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench import results_io  # noqa: E402
+from bench import detection, results_io  # noqa: E402
 
 USER = ["What does the Vault 10 battery cost?", "Do panels work when it is cloudy?", "How long is installation?",
         "My email is sam@example.com, can you send a quote?", "Can I pay for the system monthly?",
@@ -58,7 +62,7 @@ def per_step(n: int) -> dict:
     mod = Moderator(ModerationConfig(banned_topics={"politics": ["Who should I vote for?"]}))
     with tempfile.TemporaryDirectory() as tmp:
         build_store(ROOT / "examples/guardrails/scripts.yaml", Path(tmp) / "s", log=lambda m: None)
-        comp = Compliance(ScriptStore.load(Path(tmp) / "s"), output_scanners=mod.scanners[-2:])
+        comp = Compliance(ScriptStore.load(Path(tmp) / "s"), output_scanners=[s for s in mod.scanners if s.name in ("pii", "banned_topics")])
         steps = {"input_moderation": lambda i: mod.check(USER[i % len(USER)]),
                  "output_compliance": lambda i: comp.decide(REPLIES[i % len(REPLIES)], stage="pricing",
                                                             session_id=str(i), threshold=0.6)}
@@ -306,9 +310,13 @@ def main() -> None:
     p.add_argument("--scan-only", action="store_true", help="only part 3 (hostile sizes); keep the rest of the results")
     p.add_argument("--health-only", action="store_true",
                    help="only part 4 (/health under hostile load); keep the rest of the results")
+    p.add_argument("--detection-only", action="store_true",
+                   help="only part 5 (detection on the test split); keep the rest of the results")
+    p.add_argument("--external", type=Path, metavar="DIR", help="part 5 also scores the *.jsonl sets in DIR")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "guard")
     a = p.parse_args()
-    if a.scan_only or a.health_only:
+    only = a.scan_only or a.health_only or a.detection_only
+    if only:
         previous = a.out.with_suffix(".json")
         payload = json.loads(previous.read_text()) if previous.exists() else {}
     else:
@@ -317,12 +325,14 @@ def main() -> None:
         scale = index_scale(a.sizes)
         payload = {"meta": results_io.meta(requests=a.requests), "steps": steps, "baseline": baseline,
                    "index_scale": scale}
-    if not a.health_only:
+    if a.scan_only or not only:
         payload["hostile_scan"] = hostile_scan()
-    if not a.scan_only:
+    if a.health_only or not only:
         payload["health_under_load"] = health_under_load()
+    if a.detection_only or not only:
+        payload["detection"] = detection.run(a.external)
     results_io.write(a.out, payload, per_request_lines(payload) + hostile_lines(payload.get("hostile_scan"))
-                     + health_lines(payload.get("health_under_load")))
+                     + health_lines(payload.get("health_under_load")) + detection.lines(payload.get("detection")))
 
 
 def per_request_lines(payload: dict) -> list[str]:

@@ -32,6 +32,7 @@ def _base(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from guardrails import audit_cli, scripts_cli
+    from guardrails.classifier import cli as guard_cli
     from guardtune import demo
     from rag import cli as rag_cli
     from serving import cli as serving_cli
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     scripts_cli.add_arguments(sub)
     audit_cli.add_arguments(sub)
+    guard_cli.add_arguments(sub)
     rag_cli.add_arguments(sub)
 
     d = sub.add_parser("demo", help="train, build the stores, serve, and play a guarded conversation (README's first command)")

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from guardrails.classifier.categories import ATTACKS
+from guardrails.scanners.classifier import ContentClassifier
 from guardrails.scanners.injection import Injection
 from guardrails.scanners.normalise import Normalise
 from guardtune.cli_util import run_cli
@@ -21,19 +23,24 @@ def index_path(name: str) -> Path:
 
 
 class InjectionScreen:
-    """A chunk as the input guardrails see a user turn: normalised, then checked for prompt injection.
+    """A chunk as the input guardrails see a user turn: normalised, then checked for prompt injection
+    and jailbreak by the patterns and the classifier. Other categories are left alone: a knowledge
+    base may well discuss fraud or violence.
 
     Retrieved text reaches the prompt after those guardrails ran, so this is its only check.
     """
 
-    name = "prompt_injection"  # recorded in meta.json; another screen later re-screens unchanged documents
+    name = "prompt_injection+classifier"  # recorded in meta.json; another screen re-screens unchanged documents
 
     def __init__(self) -> None:
-        self.normalise, self.injection = Normalise(), Injection()
+        self.normalise, self.injection, self.classifier = Normalise(), Injection(), ContentClassifier()
 
     def __call__(self, text: str) -> str | None:
-        verdict = self.injection.scan(self.normalise.scan(text).text)
-        return None if verdict.valid else verdict.reason or "flagged as prompt injection"
+        clean = self.normalise.scan(text).text
+        if not (verdict := self.injection.scan(clean)).valid:
+            return verdict.reason
+        flags = [c for c in self.classifier.scan(clean).flags if c in ATTACKS]
+        return f"classifier: {', '.join(flags)}" if flags else None
 
 
 def add_arguments(sub) -> None:

@@ -1,4 +1,5 @@
-"""POST /v1/moderations: the pipeline's own input scanners, in OpenAI's shape, under chat's caps and admission."""
+"""POST /v1/moderations: the pipeline's own input scanners and classifier, in OpenAI's shape (category
+names and scores as the official client reads them), under chat's caps and admission."""
 
 from __future__ import annotations
 
@@ -45,6 +46,6 @@ class ModerationService:
                            param="input", code="input_too_long")
         moderator = self.moderator()
         async with self.s.admission.slot():  # the same back-pressure as chat
-            results = await asyncio.to_thread(lambda: [moderator.openai_result(t) for t in texts])
+            results = await asyncio.to_thread(moderator.openai_results, texts)  # one classifier batch
         return {"id": f"modr-{uuid.uuid4().hex[:24]}", "model": body.model or "guardtune-moderation",
                 "results": results}

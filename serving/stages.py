@@ -10,7 +10,7 @@ import time
 
 import anyio
 
-from guardrails.moderation import Moderator
+from guardrails.moderation import Moderator, judge
 from guardrails.output import LeakIndex, OutputFilter
 from guardrails.privacy import redact_deep
 from guardrails.scanners.pii import PII
@@ -18,7 +18,7 @@ from serving.pipeline import ChatContext, Intercept
 
 BASE = "base"  # the metrics and audit label of the base model
 SERVER_IDS = frozenset({"request_id", "ts", "api_key_id"})  # made by the server: never PII, kept verbatim
-WHOLE_SCANNERS = ("prompt_injection", "banned_topics")  # the detectors that also read the request as one text
+WHOLE_SCANNERS = ("prompt_injection", "classifier", "banned_topics")  # they also read the request as one text
 
 
 class GuardScope:
@@ -53,7 +53,7 @@ class ModerationStage:
         reports = []
         texts = [m["content"] for m in ctx.messages] + ctx.names
         for i, text in enumerate(texts):
-            res = self.moderator.check(text)
+            res = self.moderator.check(text, task=ctx.task)
             reports.append(res.report())
             if i < len(ctx.messages):
                 ctx.messages[i]["content"] = res.text  # normalised, PII redacted
@@ -61,8 +61,9 @@ class ModerationStage:
                 return self._block(ctx, blocked, res.report()["verdicts"], t0)
         if len(texts) > 1:
             whole = " ".join(m["content"] for m in ctx.messages)
+            blocking = self.moderator.cfg.blocking(ctx.task)
             for scanner in self.detectors:
-                if not (v := scanner.scan(whole)).valid:
+                if not (v := judge(scanner.scan(whole), blocking)).valid:
                     return self._block(ctx, v, [{"scanner": v.scanner, "valid": False, "score": round(v.score, 4),
                                                  "reason": f"whole request: {v.reason}"}], t0)
         redacted = [v for r in reports for v in r["verdicts"] if v["scanner"] == "pii" and v["score"] > 0]

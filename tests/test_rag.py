@@ -167,7 +167,7 @@ def test_injection_chunks_are_quarantined_and_never_retrieved(tmp_path, embedded
 
     index = KnowledgeIndex.load(index_dir)
     meta = json.loads((index_dir / "meta.json").read_text())
-    assert meta["quarantined"] == index.quarantined == report.quarantined and meta["screen"] == "prompt_injection"
+    assert meta["quarantined"] == index.quarantined == report.quarantined and meta["screen"] == "prompt_injection+classifier"
     assert index.documents["garden.md"]["chunks"] == 2 and index.documents["garden.md"]["quarantined"] == 1
     assert not any(INJECTED in row["text"] for row in index.chunks) and not any(expected[0].text in t for t in embedded)
     assert report.chunks_total == len(index.chunks) == report.chunks_embedded
@@ -192,7 +192,7 @@ def test_injection_chunks_are_quarantined_and_never_retrieved(tmp_path, embedded
 
 
 def test_the_example_knowledge_base_has_nothing_quarantined(kb):
-    assert kb.meta["screen"] == "prompt_injection" and kb.quarantined == []
+    assert kb.meta["screen"] == "prompt_injection+classifier" and kb.quarantined == []
     assert len(kb.chunks) == sum(d["chunks"] for d in kb.documents.values()) and len(kb.chunks) >= 29
 
 

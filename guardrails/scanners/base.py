@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -13,6 +13,8 @@ class Verdict:
     valid: bool  # False: block the request
     score: float  # 0 = clean, 1 = certain violation
     reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)  # per category, for scanners that score several
+    flags: tuple[str, ...] = ()  # the categories over their threshold; blocking is the task's policy
 
 
 class Scanner(Protocol):

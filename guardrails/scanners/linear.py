@@ -102,3 +102,16 @@ def char_offsets(data: bytes, byte_offsets: list[int]) -> dict[int, int]:
 def char_at(data: bytes, i: int) -> str:
     """The character that starts at byte `i`; "" at the end."""
     return decode(data[i:next_char(data, i)]) if i < len(data) else ""
+
+
+def sub(pattern: Regexp, fn, text: str) -> str:
+    """`text` with every match of `pattern` replaced by `fn(matched text)`, in one linear pass."""
+    data, out, last = utf8(text), [], 0
+    for m in pattern.finditer(data):
+        start, end = m.span()
+        out += [data[last:start], utf8(fn(decode(m.group())))]
+        last = end
+    if not out:
+        return text
+    out.append(data[last:])
+    return decode(b"".join(out))

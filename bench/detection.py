@@ -1,0 +1,150 @@
+"""Part 5 of guard_bench: detection on the held-out test split, in one run.
+
+- the trained classifier (USE multilingual v3 + the committed head), as serving runs it;
+- today's baseline before it: the injection patterns plus MiniLM similarity to exemplars;
+- the same head trained here on the English MiniLM instead of USE (the encoder choice, measured).
+
+Each reports ROC-AUC and recall at 1% FPR per category and per language against the benign test
+rows; the classifier also at its committed threshold (set on the calib split, never on test), with
+per-input latency (p50/p95, one input at a time) and a 32-input batch.
+`--external DIR` scores JSONL files that are not in the project ({"text", "kind", "lang"}, kind
+"benign" or an attack kind), e.g. public sets: per kind and language, the share flagged at the
+committed threshold and the recall at 1% FPR against DIR's own benign rows.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench import results_io
+from bench.legacy_injection import PatternsPlusSimilarity
+from guardrails.classifier import metrics
+from guardrails.classifier.augment import augment
+from guardrails.classifier.categories import CATEGORIES, OUTPUTS
+from guardrails.classifier.data import load_seeds
+from guardrails.classifier.fit import fit_mlp
+from guardrails.classifier.head import Head
+from guardrails.classifier.model import Classifier
+from guardrails.classifier.train import targets
+from guardrails.embeddings import embed
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))], 2)
+
+
+def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
+    clf.scores(texts[:2])  # load
+    times = []
+    for text in texts[:n]:
+        t0 = time.perf_counter()
+        clf.scores([text])
+        times.append((time.perf_counter() - t0) * 1000)
+    batch = texts[:32]
+    t0 = time.perf_counter()
+    clf.scores(batch)
+    batch_ms = (time.perf_counter() - t0) * 1000
+    return {"inputs": len(times), "p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95),
+            "max_ms": round(max(times), 2), "mean_chars": round(statistics.mean(len(t) for t in texts[:n])),
+            "batch32_ms": round(batch_ms, 1), "batch32_per_input_ms": round(batch_ms / len(batch), 2)}
+
+
+def minilm_head(train_rows, test_rows) -> np.ndarray:
+    """The classifier's head recipe on MiniLM embeddings (English-only encoder): test scores."""
+    x = embed([r.text for r in train_rows])
+    weights, biases = fit_mlp(x, targets(train_rows), hidden=256, seed=0, epochs=60, alpha=0.1)
+    return Head(weights, biases).scores(embed([r.text for r in test_rows]))
+
+
+def run(external: Path | None = None) -> dict:
+    rows = augment(load_seeds())
+    train, test = [r for r in rows if r.split == "train"], [r for r in rows if r.split == "test"]
+    labels, langs = [r.labels for r in test], [r.lang for r in test]
+    clf = Classifier.load()
+    texts = [r.text for r in test]
+    legacy = PatternsPlusSimilarity()
+    base = np.zeros((len(test), len(OUTPUTS)), dtype=np.float32)
+    base[:, 0] = [legacy.score(t) for t in texts]  # one score for everything: it only knows injection
+    out = {"meta": results_io.meta(test_rows=len(test), train_rows=len(train), threshold=clf.head.threshold),
+           "classifier": metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
+                                       clf.flags),
+           "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD),
+           "minilm_head": metrics.table(minilm_head(train, test), labels, langs, CATEGORIES),
+           "latency": latency(clf, texts)}
+    if external is not None:
+        out["external"] = external_sets(clf, legacy, external)
+    return out
+
+
+def external_sets(clf: Classifier, legacy: PatternsPlusSimilarity, root: Path) -> dict:
+    """Per attack kind and language: flagged at the committed threshold (the baseline at its own),
+    and recall at 1% FPR against every benign row in `root`."""
+    rows = [json.loads(line) for path in sorted(root.glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    texts = [r["text"][:4000] for r in rows]
+    ours = clf.scores(texts)[:, 0]
+    base = np.array([legacy.score(t) for t in texts])
+    kinds = np.array([r["kind"] for r in rows])
+    langs = np.array([r["lang"] for r in rows])
+    benign = kinds == "benign"
+    out = {"benign": {"rows": int(benign.sum()), "classifier": _share(ours[benign] >= clf.head.threshold),
+                      "baseline": _share(base[benign] >= legacy.THRESHOLD)}}
+    for kind, lang in sorted({(k, lg) for k, lg in zip(kinds, langs) if k != "benign"}):
+        sel = (kinds == kind) & (langs == lang)
+        out[f"{kind}/{lang}"] = {
+            "rows": int(sel.sum()), "classifier": _share(ours[sel] >= clf.head.threshold),
+            "baseline": _share(base[sel] >= legacy.THRESHOLD),
+            "classifier_r1": round(metrics.recall_at_fpr(ours[sel], ours[benign]), 4),
+            "baseline_r1": round(metrics.recall_at_fpr(base[sel], base[benign]), 4)}
+    return out
+
+
+def _share(x: np.ndarray) -> float:
+    return round(float(x.mean()), 4) if len(x) else float("nan")
+
+
+def lines(res: dict | None) -> list[str]:
+    if res is None:
+        return []
+    info, ours, base, mini = res["meta"], res["classifier"], res["baseline"], res["minilm_head"]
+    out = [f"Detection on the held-out test split ({info['test_rows']} rows, {ours['overall']['benign']} of them "
+           f"benign; measured {info['date']} on {info['machine']}). Recall at 1% FPR is against the test "
+           "split's benign rows; 'flagged' is at the committed threshold (set on the calib split, never on test); "
+           "'named' is the share of a category's flagged rows that the classifier put in that category:", ""]
+    rows = []
+    for cat in [*CATEGORIES, "(any)"]:
+        c = ours["overall"] if cat == "(any)" else ours["categories"][cat]
+        b = base["overall"] if cat == "(any)" else base["categories"][cat]
+        m = mini["overall"] if cat == "(any)" else mini["categories"][cat]
+        by = c.get("by_lang", {})
+        rows.append([cat, c["n"], c["roc_auc"], c["recall_at_1pct_fpr"], c["recall_at_threshold"],
+                     *(by[lg]["recall_at_1pct_fpr"] if lg in by else "" for lg in ("en", "zh", "de")),
+                     c.get("named", ""), m["recall_at_1pct_fpr"], b["roc_auc"], b["recall_at_1pct_fpr"]])
+    out += results_io.table(["category", "rows", "AUC", "recall@1%FPR", "flagged", "en r@1%", "zh r@1%", "de r@1%",
+                             "named", "MiniLM head r@1%", "baseline AUC", "baseline r@1%"], rows)
+    out += ["", "Per language (every attack row against that language's benign rows):", ""]
+    out += results_io.table(
+        ["language", "attack rows", "benign rows", "AUC", "recall@1%FPR", "flagged", "benign flagged",
+         "baseline recall@1%FPR"],
+        [[lg, v["n"], v["benign"], v["roc_auc"], v["recall_at_1pct_fpr"], v["recall_at_threshold"],
+          v["fpr_at_threshold"], base["languages"][lg]["recall_at_1pct_fpr"]] for lg, v in ours["languages"].items()])
+    lat = res["latency"]
+    out += ["", f"Classifier latency per input, one at a time ({lat['inputs']} test inputs, mean "
+            f"{lat['mean_chars']} characters): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, max {lat['max_ms']} ms; "
+            f"a batch of 32: {lat['batch32_ms']} ms ({lat['batch32_per_input_ms']} ms per input)."]
+    if res.get("external"):
+        ext = res["external"]
+        out += ["", f"On sets the project did not write (kept outside the repository; see the README): "
+                f"{ext['benign']['rows']} benign rows, of which the classifier flags {ext['benign']['classifier']} "
+                f"and the baseline {ext['benign']['baseline']}:", ""]
+        out += results_io.table(["kind/lang", "rows", "flagged", "recall@1%FPR", "baseline flagged",
+                                 "baseline recall@1%FPR"],
+                                [[k, v["rows"], v["classifier"], v["classifier_r1"], v["baseline"], v["baseline_r1"]]
+                                 for k, v in ext.items() if k != "benign"])
+    return out + [""]

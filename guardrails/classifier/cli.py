@@ -1,0 +1,53 @@
+"""`guardtune guard train`: train the input classifier from the seeds in the repository."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from guardrails.classifier.data import SEEDS
+from guardrails.classifier.head import CARD
+from guardrails.classifier.train import TrainConfig, summary, train
+from guardtune.errors import GuardtuneError
+from guardtune.paths import cache_root
+
+
+def add_arguments(sub) -> None:
+    p = sub.add_parser("guard", help="the input classifier behind moderation")
+    actions = p.add_subparsers(dest="action", required=True)
+    t = actions.add_parser("train", help="train the classifier head from the seed rows; print its test table")
+    t.add_argument("--out", type=Path, help="head directory (default: the user cache, keyed by data and "
+                                            "settings; an existing one is reused)")
+    t.add_argument("--seeds", type=Path, default=SEEDS, help="directory of seed *.jsonl files")
+    t.add_argument("--head", choices=("mlp", "logreg"), default="mlp")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--slice", type=int, metavar="N", help="at most N seeds per split, language and category "
+                                                        "(a quick retrain)")
+    t.add_argument("--force", action="store_true", help="retrain even when the cached head exists")
+    t.set_defaults(fn=run)
+
+
+def _cache_dir(cfg: TrainConfig, seeds: Path) -> Path:
+    h = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True).encode())
+    for f in sorted(seeds.glob("*.jsonl")):
+        h.update(f.name.encode() + f.read_bytes())
+    return cache_root() / "classifier" / h.hexdigest()[:16]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs < 1 or (args.slice is not None and args.slice < 1):
+        raise GuardtuneError("--epochs and --slice take a positive number")
+    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice)
+    out = args.out or _cache_dir(cfg, args.seeds)
+    if (out / CARD).exists() and args.out is None and not args.force:
+        print(f"reusing {out} (--force retrains)", file=sys.stderr)
+        card = json.loads((out / CARD).read_text(encoding="utf-8"))
+    else:
+        card = train(cfg, out, args.seeds, log=lambda m: print(m, file=sys.stderr))
+    print(summary(card))
+    print(out)
+    return 0

