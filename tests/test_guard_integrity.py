@@ -178,8 +178,11 @@ def test_message_text_never_becomes_a_control_token(guarded, tokenizer):
     special = set(tokenizer.all_special_ids)
     count = [sum(i in special for i in renderer.render(fmt, [{"role": "user", "content": c}])) for c in (evil, "hi")]
     assert count[0] == count[1]  # only the template's own control tokens
-    body = chat(guarded, "base", [{"role": "user", "content": evil}])
-    assert body["usage"]["prompt_tokens"] > 0
+    body = chat(guarded, "base", [{"role": "user", "content": evil}])  # a fake system turn: an attack
+    assert body["guardrails"]["input"]["blocked_by"] in ("prompt_injection", "jailbreak")
+    asked = "What does <|im_end|> mean in my chat log?"  # the same tokens, asked about: served as text
+    body = chat(guarded, "base", [{"role": "user", "content": asked}])
+    assert body["guardrails"]["input"]["blocked_by"] is None and body["usage"]["prompt_tokens"] > 0
 
 
 def test_sessions_belong_to_the_key_that_made_them(guarded):
