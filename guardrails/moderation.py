@@ -56,7 +56,7 @@ class ModerationConfig(BaseModel):
         return {task: _known(cats) for task, cats in v.items()}
 
     def blocking(self, task: str | None) -> frozenset[str]:
-        return frozenset(self.per_task.get(task, self.block) if task is not None else self.block)
+        return frozenset(self.per_task.get(task, self.block))  # per_task keys are task names, never None
 
 
 def _known(names: list[str]) -> list[str]:

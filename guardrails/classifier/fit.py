@@ -1,4 +1,4 @@
-"""Fitting the head on frozen sentence embeddings, and calibrating its thresholds on benign rows."""
+"""Fitting the head on frozen sentence embeddings, and calibrating its `unsafe` threshold on benign rows."""
 
 from __future__ import annotations
 
