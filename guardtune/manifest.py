@@ -19,7 +19,7 @@ from guardtune.paths import MANIFEST_NAME
 MANIFEST_VERSION = 1
 
 # Training methods by what they produce and what can serve it.
-LORA_METHODS = ("lora", "qlora", "dora")  # a LoRA adapter: vLLM (or transformers) serves it per task
+LORA_METHODS = ("lora", "qlora", "dora")  # a LoRA-family adapter, served per task
 FULL_METHODS = ("full", "freeze")  # a complete model directory: served as a base model, not as a task
 PROMPT_METHODS = ("prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter")  # PEFT, transformers only
 METHODS = LORA_METHODS + FULL_METHODS + PROMPT_METHODS
@@ -32,13 +32,15 @@ ServeWith = Literal["vllm", "transformers"]
 def serving_for(method: str) -> tuple[Artifact, ServeWith]:
     """What a method's output directory holds, and the least capable engine that can serve it.
 
-    vLLM serves only LoRA adapters per task; prompt, prefix and adaption-prompt adapters change the
-    model's inputs or attention in ways vLLM has no kernels for, so only the transformers engine serves
-    them. A full-model directory is itself a base model (both engines serve it as `base_model`).
+    vLLM serves only plain LoRA adapters per task: it refuses DoRA ("does not yet support DoRA", vLLM
+    0.32), and prompt, prefix and adaption-prompt adapters change the model's inputs or attention in ways
+    it has no kernels for. Those go to the transformers engine, which a vLLM server starts beside vLLM
+    for them (serving/engines/routed.py). A full-model directory is itself a base model (both engines
+    serve it as `base_model`).
     """
     if method in FULL_METHODS:
         return "full_model", "vllm"
-    if method in PROMPT_METHODS:
+    if method in PROMPT_METHODS or method == "dora":
         return "adapter", "transformers"
     return "adapter", "vllm"
 
@@ -86,6 +88,8 @@ class Manifest(BaseModel):
         # Old manifests (LoRA family, no `artifact`) pass on the defaults; a hand-edited mismatch is caught
         # here rather than as a confusing load failure in an engine.
         artifact, serve_with = serving_for(self.method)
+        if self.method == "dora" and self.serve_with == "vllm":
+            self.serve_with = "transformers"  # written before vLLM's refusal of DoRA was known: route it right
         if self.artifact != artifact:
             raise ValueError(f"method {self.method} produces artifact '{artifact}', not '{self.artifact}'")
         if serve_with == "transformers" and self.serve_with != "transformers":

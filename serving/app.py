@@ -19,13 +19,13 @@ from guardtune.errors import GuardtuneError
 from serving.auth import require_admin, require_user
 from serving.config import ServeConfig
 from serving.errors import APIError, document_errors, errors, install_handlers
-from serving.gate import RequestGate
+from serving.gate import ClientGone, RequestGate, cancel_on_disconnect
 from serving.limits import Admission, RateLimiter
 from serving.metrics import RequestRecord, ServeMetrics
 from serving.moderations import ModerationRequest, ModerationService
 from serving.pipeline import Pipeline
 from serving.protocol import ChatCompletion, ChatCompletionRequest
-from serving.registry import AdapterRejected, TaskRegistry
+from serving.registry import AdapterRejected, StateNotSaved, TaskNotFound, TaskRegistry
 
 log = logging.getLogger("guardtune.serve")
 DASHBOARD = Path(__file__).parent / "dashboard"
@@ -261,7 +261,10 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             label = body.model if known else "base" if body.model in (cfg.base_model, "base") else "unknown"
             state.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
             raise
-        return await chat.handle(body, caller)
+        try:
+            return await cancel_on_disconnect(request.receive, chat.handle(body, caller))
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
 
     moderations_service = ModerationService(state)
 
@@ -314,7 +317,7 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
         _need_ready(state)
         return {"tasks": [s.summary() for s in state.registry.tasks.values()]}
 
-    @app.put("/admin/tasks/{task}", responses=errors(409, 503))
+    @app.put("/admin/tasks/{task}", responses=errors(409, 500, 503))
     async def put_task(task: str, body: TaskPut, request: Request):
         require_admin(request, admin_key)
         _need_ready(state)
@@ -326,15 +329,20 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
             slot = await state.registry.put(task, body.adapter)
         except AdapterRejected as exc:
             raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
+        except StateNotSaved as exc:
+            raise _not_saved(exc) from None
         return slot.summary()
 
-    @app.delete("/admin/tasks/{task}", responses=errors(404, 503))
+    @app.delete("/admin/tasks/{task}", responses=errors(404, 500, 503))
     async def delete_task(task: str, request: Request):
         require_admin(request, admin_key)
         _need_ready(state)
-        if task not in state.registry.tasks:
-            raise APIError(404, f"unknown task '{task}'", param="task", code="task_not_found")
-        await state.registry.delete(task)
+        try:
+            await state.registry.delete(task)
+        except TaskNotFound as exc:
+            raise APIError(404, str(exc), param="task", code="task_not_found") from None
+        except StateNotSaved as exc:
+            raise _not_saved(exc) from None
         return {"deleted": task}
 
     @app.get("/dashboard", response_class=HTMLResponse, responses=ops_errors)
@@ -360,6 +368,10 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
 def _need_ready(state: ServerState) -> None:
     if not state.ready or not state.engine.ready():  # the engine's own view catches a death at once
         raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
+
+
+def _not_saved(exc: StateNotSaved) -> APIError:
+    return APIError(500, str(exc), code="state_write_failed")
 
 
 def _crash_on_failure(task: asyncio.Task) -> None:

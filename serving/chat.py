@@ -16,6 +16,7 @@ from serving.errors import APIError
 from serving.metrics import RequestRecord
 from serving.pipeline import ChatContext, Intercept
 from serving.protocol import ChatCompletionRequest, Usage, chunk_body, completion_body
+from serving.registry import TaskNotFound
 from serving.stages import BASE
 
 
@@ -23,18 +24,20 @@ class ChatService:
     def __init__(self, state):
         self.s = state  # serving.app.ServerState
 
-    def _target(self, model: str):
-        """(slot or None for the base, prompt format, metrics label)."""
+    def _target(self, model: str, stack: contextlib.AsyncExitStack):
+        """(slot or None for the base, prompt format, metrics label). A task's slot is looked up and pinned
+        in one step and stays pinned until `stack` closes: a swap while the request waits cannot unload it."""
         s = self.s
         if model in (s.cfg.base_model, BASE):
             if not s.serves_base():
                 raise APIError(404, "the base model is not served here (guardrails.base_model: refuse); "
                                     "GET /v1/models lists the tasks", param="model", code="model_not_found")
             return None, s.base_format, BASE
-        slot = s.registry.tasks.get(model)
-        if slot is None:
+        try:
+            slot = stack.enter_context(s.registry.pinned(model))
+        except TaskNotFound:
             raise APIError(404, f"unknown model or task '{model}'; GET /v1/models lists what is served",
-                           param="model", code="model_not_found")
+                           param="model", code="model_not_found") from None
         return slot, slot.fmt, model
 
     def _params(self, req: ChatCompletionRequest, prompt_len: int, fmt) -> GenParams:
@@ -51,9 +54,12 @@ class ChatService:
         if prompt_len + max_tokens > ctx_len:
             raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
                                 f"window of {ctx_len}", param="max_tokens", code="context_length_exceeded")
+        if req.min_tokens > max_tokens:  # as vLLM's SamplingParams rejects it
+            raise APIError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens})",
+                           param="min_tokens", code="invalid_value")
         return GenParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
                          top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []),
-                         stop_token_ids=s.renderer.stop_token_ids(fmt))
+                         stop_token_ids=s.renderer.stop_token_ids(fmt), **req.vllm_sampling())
 
     def _check_size(self, req: ChatCompletionRequest) -> None:
         """The request's size, checked before any guard work: a hostile request costs a length check."""
@@ -73,40 +79,45 @@ class ChatService:
             raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
         self._check_size(req)
         t0 = time.time()
-        slot, fmt, label = self._target(req.model)
-        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        meta = req.metadata
-        ctx = ChatContext(rid, label, [{"role": m.role, "content": m.text()} for m in req.messages],
-                          session_id=meta.session_id if meta else None,
-                          dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt,
-                          principal=key_id(caller) if caller else None,
-                          names=[m.name for m in req.messages if m.name])
-
-        stack = contextlib.AsyncExitStack()
-        try:  # guard work counts against admission too, so a flood of guarded requests queues like any other
-            await stack.enter_async_context(s.admission.slot())
-        except APIError as exc:
-            s.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code or "rejected", 0, 0,
-                                            time.time() - t0, None))
-            raise
+        stack = contextlib.AsyncExitStack()  # the adapter pin and the admission slot, released on every exit
         try:
+            slot, fmt, label = self._target(req.model, stack)
+            ctx = self._context(req, fmt, label, caller)
+            await self._admit(stack, label, t0)
             intercept = await s.pipeline.run_pre(ctx)
             if intercept is not None:
                 await stack.aclose()
-                return await self._intercepted(req, rid, ctx, intercept, t0)
+                return await self._intercepted(req, ctx.request_id, ctx, intercept, t0)
             prompt_ids = s.renderer.render(fmt, with_canary(ctx.messages, fmt.system_prompt,
                                                             s.pipeline.canary(label)))
             params = self._params(req, len(prompt_ids), fmt)
-            if slot is not None:
-                stack.enter_context(s.registry.pin(slot))
-            run = _Run(self.s, req, rid, ctx, label, prompt_ids, params, slot, t0)
+            run = _Run(self.s, req, ctx.request_id, ctx, label, prompt_ids, params, slot, t0)
             if req.stream:
-                return StreamingResponse(run.stream(stack), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _HeldStream(run.stream(stack), stack)
             async with stack:
                 return JSONResponse(await run.complete())
         except BaseException:
             await stack.aclose()
+            raise
+
+    def _context(self, req: ChatCompletionRequest, fmt, label: str, caller: str | None) -> ChatContext:
+        meta = req.metadata
+        return ChatContext(f"chatcmpl-{uuid.uuid4().hex[:24]}", label,
+                           [{"role": m.role, "content": m.text()} for m in req.messages],
+                           session_id=meta.session_id if meta else None,
+                           dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt,
+                           principal=key_id(caller) if caller else None,
+                           names=[m.name for m in req.messages if m.name])
+
+    async def _admit(self, stack: contextlib.AsyncExitStack, label: str, t0: float) -> None:
+        """Wait for a generation slot. Guard work counts against admission too, so a flood of guarded
+        requests queues like any other. Refused (429) and abandoned (499, client gone) waits are recorded."""
+        try:
+            await stack.enter_async_context(self.s.admission.slot())
+        except (APIError, asyncio.CancelledError) as exc:
+            status, code = ((exc.status, exc.code or "rejected") if isinstance(exc, APIError)
+                            else (499, "client_disconnected"))
+            self.s.metrics.observe(RequestRecord(time.time(), label, status, code, 0, 0, time.time() - t0, None))
             raise
 
     async def _intercepted(self, req, rid, ctx: ChatContext, hit: Intercept, t0: float):
@@ -130,6 +141,22 @@ class ChatService:
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
+class _HeldStream(StreamingResponse):
+    """An event stream that owns its request's pin and admission slot: they are released when the response
+    ends, even one that ends before its body generator ever started (the client gone at once)."""
+
+    def __init__(self, events, stack: contextlib.AsyncExitStack):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._stack = stack
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._stack.aclose()  # a no-op when the stream closed it already
+
+
 class _Run:
     """One admitted generation: engine deltas -> output filter and post stages -> response, then metrics
     and the audit record."""
@@ -147,8 +174,11 @@ class _Run:
     async def _deltas(self):
         adapter = self.slot.ref if self.slot is not None else None
         self.s.metrics.engine_requests.labels(self.label).inc()
-        async with asyncio.timeout(self.s.cfg.limits.request_timeout_s):
-            async for d in self.s.engine.generate(self.rid, self.prompt_ids, self.params, adapter):
+        # aclosing: when this generator is closed (output filter tripped, client gone), the engine's is
+        # closed at once, which aborts the request in the engine, rather than whenever it is collected.
+        async with asyncio.timeout(self.s.cfg.limits.request_timeout_s), \
+                contextlib.aclosing(self.s.engine.generate(self.rid, self.prompt_ids, self.params, adapter)) as gen:
+            async for d in gen:
                 if self.ttft is None and (d.text or d.completion_tokens):
                     self.ttft = time.time() - self.t0
                 self.n_out = d.completion_tokens
@@ -211,6 +241,10 @@ class _Run:
     async def complete(self) -> dict:
         try:
             text = self.sent = await self._decide("".join([t async for t in self._deltas()]))
+        except asyncio.CancelledError:  # the client left: the engine request was aborted on the way out
+            self.finish = "client_disconnected"
+            await self._record(499)
+            raise
         except Exception as exc:
             err = _generation_error(exc)
             await self._record(err.status)

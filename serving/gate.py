@@ -9,6 +9,8 @@ body nor how slowly a body may trickle in (a slowloris client holds its request 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from typing import Any, Coroutine, TypeVar
 
 from starlette.requests import Request
 
@@ -16,6 +18,7 @@ from serving.auth import require_admin, require_ops, require_user
 from serving.config import Keys
 from serving.errors import APIError
 
+T = TypeVar("T")
 OPS_PATHS = ("/metrics", "/dashboard")  # and everything under /dashboard/
 
 
@@ -86,6 +89,39 @@ class RequestGate:
 
 class _ClientGone(Exception):
     pass
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started; its work was cancelled."""
+
+
+async def cancel_on_disconnect(receive, work: Coroutine[Any, Any, T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (raises ClientGone then).
+
+    uvicorn does not cancel a handler whose client left: without this, a request waiting in the
+    queue or generating a whole reply runs on for nobody. `receive` is read only after the body,
+    when the only message left is http.disconnect; the watcher stops before a response starts, so a
+    streaming response can then listen for the disconnect itself."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (shutdown): so is its work
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task  # its clean-up (engine abort, queue and slot release) runs before this returns
+    raise ClientGone
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def bounded_h11(header_timeout_s: float):

@@ -28,9 +28,10 @@ class Admission:
                            headers={"Retry-After": "1"})
         self.waiting += 1
         self._set_gauge()
-        try:
-            await asyncio.wait_for(self._sem.acquire(), timeout=self.timeout_s)
-        except asyncio.TimeoutError:
+        try:  # awaited in this task (no wait_for task), so a cancelled waiter (client gone) leaves at once
+            async with asyncio.timeout(self.timeout_s):
+                await self._sem.acquire()
+        except TimeoutError:
             raise APIError(429, "server busy: timed out waiting in the queue", code="queue_timeout",
                            headers={"Retry-After": "2"}) from None
         finally:

@@ -79,8 +79,17 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     metadata: RequestMetadata | None = None
     user: Text | None = Field(None, max_length=256)
+    # vLLM's sampling extensions, as its OpenAI server defines and checks them (SamplingParams._verify_args);
+    # min_tokens <= max_tokens is checked once max_tokens is known (serving/chat.py).
+    # top_k -1 or 0: off. Past 64 bits it fails in vLLM's engine core (a 500): int64, as for seed, is the ceiling.
+    top_k: int | None = Field(None, ge=-1, le=2**63 - 1, strict=True)
+    min_p: float | None = Field(None, ge=0.0, le=1.0, strict=True)
+    repetition_penalty: float | None = Field(None, gt=0.0, strict=True)
+    min_tokens: int = Field(0, ge=0, strict=True)
+    ignore_eos: bool = Field(False, strict=True)
+    skip_special_tokens: bool = Field(True, strict=True)
 
-    @field_validator("temperature", "top_p")
+    @field_validator("temperature", "top_p", "min_p", "repetition_penalty")
     @classmethod
     def _finite(cls, v):
         if v is not None and not math.isfinite(v):
@@ -106,6 +115,13 @@ class ChatCompletionRequest(BaseModel):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def vllm_sampling(self) -> dict:
+        """The vLLM extensions as GenParams fields, unset ones at vLLM's defaults (top_k -1 is vLLM's other "off")."""
+        return {"top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+                "skip_special_tokens": self.skip_special_tokens}
 
 
 class Usage(BaseModel):

@@ -1,8 +1,9 @@
 """Tasks and their adapters: validated before going live, swapped atomically, unloaded after draining.
 
-A request pins the slot it started on; a swap only changes which slot new requests get. The old
-slot is unloaded from the engine once its last request finishes, so weights are never mixed.
-The committed mapping is persisted atomically so a restart serves exactly the last one.
+A request looks up and pins its task's slot in one step (no await between), so a swap or delete only
+changes which slot later requests get. A replaced slot is unloaded from the engine once its last
+request finishes, so weights are never mixed. Every change is written to the state file before it
+takes effect in memory: a failed write changes nothing, and a restart serves exactly the last change.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ class AdapterRejected(GuardtuneError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+class TaskNotFound(GuardtuneError):
+    pass
+
+
+class StateNotSaved(GuardtuneError):
+    """The state file could not be written; the change was not made."""
 
 
 @dataclass
@@ -86,7 +95,7 @@ class TaskRegistry:
                                        f"serve it as the base model (`base_model: {real}` in the serve config)")
         if not (real / "adapter_config.json").is_file() or not any(real.glob("adapter_model.*")):
             raise AdapterRejected(400, f"adapter {path}: adapter_config.json or adapter weights missing")
-        if manifest.serve_with != "vllm" and self.engine.name == "vllm":
+        if not self.engine.serves(manifest.serve_with):
             raise AdapterRejected(409, f"adapter {path} ({manifest.method}) cannot be served by vLLM, which serves "
                                        "only LoRA adapters: set `engine: transformers` in the serve config")
         if manifest.base_model.sha256 != self.base_sha256:
@@ -101,16 +110,16 @@ class TaskRegistry:
         async with self._swap_lock:
             real, manifest = self.validate(path)
             lora_id = next(self._ids)
-            ref = AdapterRef(f"{task}@{lora_id}", lora_id, str(real))
+            ref = AdapterRef(f"{task}@{lora_id}", lora_id, str(real), manifest.serve_with)
             try:
                 await self.engine.load_adapter(ref)
             except Exception as exc:
                 raise AdapterRejected(400, f"adapter {path} failed to load: {type(exc).__name__}: {exc}") from None
+            if persist:  # disk first; on success nothing is awaited before the switch below
+                await self._save_or_unload({**self.mapping(), task: str(real)}, ref)
             slot = Slot(task, real, manifest, ref)
             old = self.tasks.get(task)
             self.tasks[task] = slot  # the switch: one assignment, new requests see the new slot
-            if persist:
-                self._persist()
             self._on_swap(task)
             log.info("task %s -> %s (adapter id %d)", task, real, ref.lora_id)
             if old is not None:
@@ -118,14 +127,34 @@ class TaskRegistry:
             return slot
 
     async def delete(self, task: str) -> None:
-        async with self._swap_lock:
-            old = self.tasks.pop(task)
-            self._persist()
-            self._retire(old)
+        async with self._swap_lock:  # checked under the lock: of two concurrent deletes, one finds nothing
+            if task not in self.tasks:
+                raise TaskNotFound(f"unknown task '{task}'")
+            self._save({t: p for t, p in self.mapping().items() if t != task})
+            self._retire(self.tasks.pop(task))
+
+    def mapping(self) -> dict[str, str]:
+        return {t: str(s.path) for t, s in self.tasks.items()}
+
+    async def _save_or_unload(self, mapping: dict[str, str], loaded: AdapterRef) -> None:
+        try:
+            self._save(mapping)
+        except StateNotSaved:
+            await self._unload_quietly(loaded)  # never went live
+            raise
+
+    async def _unload_quietly(self, ref: AdapterRef) -> None:
+        try:
+            await self.engine.unload_adapter(ref)
+        except Exception as exc:  # noqa: BLE001 - the save error is the one to report
+            log.error("could not unload adapter %s: %s: %s", ref.name, type(exc).__name__, exc)
 
     def _retire(self, slot: Slot) -> None:
         slot.retired = True
-        if slot.inflight == 0:
+        self._unload_if_drained(slot)
+
+    def _unload_if_drained(self, slot: Slot) -> None:
+        if slot.retired and slot.inflight == 0:  # once per slot: a retired slot can no longer be pinned
             asyncio.get_running_loop().create_task(self._unload(slot))
 
     async def _unload(self, slot: Slot) -> None:
@@ -136,23 +165,28 @@ class TaskRegistry:
             log.info("unloaded drained adapter %s", slot.ref.name)
 
     @contextlib.contextmanager
-    def pin(self, slot: Slot):
+    def pinned(self, task: str):
+        """The task's current slot, held until the block exits. Lookup and pin are one step (no await
+        between), so a swap cannot retire and unload the slot before the request holds it."""
+        slot = self.tasks.get(task)
+        if slot is None:
+            raise TaskNotFound(f"unknown task '{task}'")
         slot.inflight += 1
         try:
             yield slot
         finally:
             slot.inflight -= 1
-            if slot.retired and slot.inflight == 0:
-                asyncio.get_running_loop().create_task(self._unload(slot))
+            self._unload_if_drained(slot)
 
     # --- persistence ------------------------------------------------------------------------
-    def _persist(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_name(self.state_file.name + f".tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({t: str(s.path) for t, s in self.tasks.items()}, indent=2))
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.state_file)
+    def _save(self, mapping: dict[str, str]) -> None:
+        """Write the mapping, synchronously: no await between the write and the caller's switch in memory."""
+        try:
+            write_state(self.state_file, mapping)
+        except OSError as exc:
+            log.error("serve state %s not written: %s", self.state_file, exc)
+            raise StateNotSaved(f"the task mapping could not be saved to {self.state_file} "
+                                f"({type(exc).__name__}: {exc.strerror or exc}); nothing was changed") from None
 
     def committed_mapping(self) -> dict[str, str] | None:
         try:
@@ -161,3 +195,33 @@ class TaskRegistry:
             return None
         except (OSError, ValueError) as exc:
             raise GuardtuneError(f"serve state {self.state_file} is unreadable: {exc}") from None
+
+
+def write_state(path: Path, mapping: dict[str, str]) -> None:
+    """Write-fsync-rename, then fsync the directory so the rename itself survives a power cut.
+    Raises OSError only while the old file is still the one on disk."""
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    try:
+        with tmp.open("w") as fh:
+            fh.write(json.dumps(mapping, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    try:
+        fsync_dir(directory)
+    except OSError as exc:  # the new file is in place and is what a reader sees: the change stands
+        log.warning("serve state %s written but its directory not fsynced: %s", path, exc)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,13 +1,17 @@
-"""Inference engines behind one interface: vLLM (default) and plain transformers (fallback by config)."""
+"""Inference engines behind one interface: vLLM (default) and plain transformers (fallback by config).
+
+A vLLM server routes the adapters vLLM cannot serve (DoRA, prompt methods) to a transformers engine
+started beside it when first needed (routed.py). Each engine imports its library when it starts.
+"""
 
 from __future__ import annotations
+
+from serving.engines.hf_engine import TransformersEngine
+from serving.engines.routed import RoutedEngine
+from serving.engines.vllm_engine import VLLMEngine
 
 
 def make_engine(cfg, base_dir):
     if cfg.engine == "vllm":
-        from serving.engines.vllm_engine import VLLMEngine
-
-        return VLLMEngine(cfg, base_dir)
-    from serving.engines.hf_engine import TransformersEngine
-
+        return RoutedEngine(VLLMEngine(cfg, base_dir), lambda: TransformersEngine(cfg, base_dir))
     return TransformersEngine(cfg, base_dir)

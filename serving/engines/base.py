@@ -13,15 +13,24 @@ class GenParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # the format's end of turn: an EOS to ignore_eos
+    # vLLM's extensions, at values that mean "off"
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # stop tokens and stop strings wait until this many tokens are out
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
 
 
 @dataclass(frozen=True)
 class AdapterRef:
-    """A loaded adapter as the engine knows it: a unique int id (never reused) and its directory."""
+    """A loaded adapter as the engine knows it: a unique int id (never reused), its directory, and the
+    engine its manifest needs (`serve_with`)."""
     name: str
     lora_id: int
     path: str
+    engine: str = "vllm"
 
 
 @dataclass
@@ -46,3 +55,4 @@ class Engine(Protocol):
     async def load_adapter(self, adapter: AdapterRef) -> None: ...
     async def unload_adapter(self, adapter: AdapterRef) -> None: ...
     async def shutdown(self) -> None: ...
+    def serves(self, engine: str) -> bool: ...  # can it serve an adapter whose manifest says serve_with `engine`

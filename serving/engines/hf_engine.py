@@ -57,6 +57,9 @@ class TransformersEngine:
             self.prompt_models.clear()
         await self.start()
 
+    def serves(self, engine: str) -> bool:
+        return True  # every adapter method peft can load
+
     def ready(self) -> bool:
         return self.model is not None
 
@@ -144,7 +147,11 @@ class TransformersEngine:
         out_ids: list[int] = []
         sent = ""
         past = None
-        stop_ids = set(params.stop_token_ids)
+        ends = set(params.stop_token_ids)  # the format's end of turn: this model's EOS
+        stop_ids = set() if params.ignore_eos else ends
+        shape = _processors(params, len(prompt_ids), (ends | {tok.eos_token_id}) - {None}, model.device)
+        warp = _warpers(params)
+        floor = 0  # stop strings count from the end of the first min_tokens tokens, as in vLLM
         with ctx, torch.no_grad():
             for _ in range(params.max_tokens):
                 if cancelled.is_set():
@@ -152,15 +159,20 @@ class TransformersEngine:
                 res = step(ids, past)
                 past = res.past_key_values
                 logits = res.logits[0, -1].float()
-                nxt = _sample(logits, params, gen)
+                if shape:
+                    seen = torch.tensor([prompt_ids + out_ids], device=logits.device)
+                    logits = shape(seen, logits[None])[0]
+                nxt = _sample(logits, params, gen, warp)
                 if nxt in stop_ids:
                     emit(Delta("", len(out_ids), "stop"))
                     return
                 out_ids.append(nxt)
-                text = tok.decode(out_ids, skip_special_tokens=True)
-                hit = next((s for s in params.stop if s in text), None)
-                if hit is not None:
-                    text = text[: text.index(hit)]
+                text = tok.decode(out_ids, skip_special_tokens=params.skip_special_tokens)
+                if len(out_ids) == params.min_tokens:
+                    floor = len(text)
+                hit = _stop_at(text, params.stop, floor) if len(out_ids) > params.min_tokens else -1
+                if hit >= 0:
+                    text = text[:hit]
                     emit(Delta(text[len(sent):], len(out_ids), "stop"))
                     return
                 # Hold back a tail that could still become a stop string, and half-decoded bytes.
@@ -171,7 +183,8 @@ class TransformersEngine:
                     emit(Delta(text[len(sent):safe], len(out_ids)))
                     sent = text[:safe]
                 ids = torch.tensor([[nxt]], device=model.device)
-        emit(Delta(tok.decode(out_ids, skip_special_tokens=True)[len(sent):], len(out_ids), "length"))
+        emit(Delta(tok.decode(out_ids, skip_special_tokens=params.skip_special_tokens)[len(sent):], len(out_ids),
+                   "length"))
 
     async def shutdown(self) -> None:
         self.model = None
@@ -203,12 +216,47 @@ def _prompt_step(pm):
     return step
 
 
-def _sample(logits, params: GenParams, gen) -> int:
+def _stop_at(text: str, stops: list[str], start: int) -> int:
+    """Where the first stop string in `text[start:]` begins; -1 for none."""
+    return min((i for s in stops if (i := text.find(s, start)) >= 0), default=-1)
+
+
+def _processors(params: GenParams, prompt_len: int, ends: set[int], device):
+    """What transformers' `generate` applies for repetition_penalty and min_new_tokens, greedy or not.
+    `ends`: every token that ends a reply, kept out until min_tokens are out (as vLLM does)."""
+    from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor
+
+    procs = LogitsProcessorList()
+    if params.min_tokens and ends:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, params.min_tokens, sorted(ends), device=str(device)))
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    return procs
+
+
+def _warpers(params: GenParams):
+    """min_p then top_k, after the temperature (vLLM's order); greedy decoding skips them, as in vLLM."""
+    from transformers import LogitsProcessorList, MinPLogitsWarper, TopKLogitsWarper
+
+    warp = LogitsProcessorList()
+    if params.min_p > 0:
+        warp.append(MinPLogitsWarper(params.min_p))
+    if params.top_k > 0:
+        warp.append(TopKLogitsWarper(params.top_k))
+    return warp
+
+
+def _sample(logits, params: GenParams, gen, warp) -> int:
     import torch
 
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    # vLLM's floor: a smaller temperature overflows float32. So may an extreme repetition_penalty: then the
+    # largest finite logit wins, not a NaN.
+    logits = torch.nan_to_num(logits / max(params.temperature, 0.01))
+    if warp:
+        logits = warp(None, logits[None])[0]
+    probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p

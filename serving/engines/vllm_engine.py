@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import time
 from typing import AsyncIterator
 
 from serving.engines.base import AdapterRef, Delta, EngineDead, GenParams
+
+log = logging.getLogger("guardtune.serve")
 
 
 def _cpu_env(kv_cache_gb: float) -> None:
@@ -95,6 +98,9 @@ class VLLMEngine:
                 p.kill()  # psutil checks the pid still names the same process (create time) before signalling
         self._procs = []
 
+    def serves(self, engine: str) -> bool:
+        return engine == "vllm"  # LoRA only: DoRA and prompt methods go to transformers (engines/routed.py)
+
     def ready(self) -> bool:
         return self.llm is not None and not self.llm.errored
 
@@ -106,24 +112,34 @@ class VLLMEngine:
 
         if not self.ready():
             raise EngineDead("vLLM engine is not running")
+        # The format's end-of-turn ids are this model's EOS: ignore_eos ignores them too, as vLLM's server does.
+        stop_ids = None if params.ignore_eos else params.stop_token_ids or None
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            seed=params.seed, stop=params.stop or None, stop_token_ids=params.stop_token_ids or None,
-                            output_kind=RequestOutputKind.DELTA)
-        n_out = 0
+                            seed=params.seed, stop=params.stop or None, stop_token_ids=stop_ids,
+                            top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                            min_tokens=params.min_tokens, ignore_eos=params.ignore_eos,
+                            skip_special_tokens=params.skip_special_tokens, output_kind=RequestOutputKind.DELTA)
+        n_out, finished = 0, False
         llm = self.llm  # a restart swaps self.llm; judge a failure by the engine that failed
         try:
-            async for out in llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
-                                               lora_request=self._lora(adapter)):
-                c = out.outputs[0]
-                n_out += len(c.token_ids)
-                finish = None
-                if c.finish_reason is not None:
-                    finish = "length" if c.finish_reason == "length" else "stop"
-                yield Delta(c.text, n_out, finish)
+            async with contextlib.aclosing(llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+                                                        lora_request=self._lora(adapter))) as outs:
+                async for out in outs:
+                    c = out.outputs[0]
+                    n_out += len(c.token_ids)
+                    finished = out.finished
+                    finish = None
+                    if c.finish_reason is not None:
+                        finish = "length" if c.finish_reason == "length" else "stop"
+                    yield Delta(c.text, n_out, finish)
         except Exception as exc:
             if llm.errored:
                 raise EngineDead(f"vLLM engine died: {type(exc).__name__}") from exc
             raise
+        finally:
+            if not finished:  # closed or cancelled mid-way (client gone, output filter): free its seat now
+                # Shielded: in a cancelled anyio scope (a stream's) every await is cancelled again.
+                await asyncio.shield(self._abort(llm, request_id))
 
     def _lora(self, adapter: AdapterRef | None):
         if adapter is None:
@@ -140,7 +156,19 @@ class VLLMEngine:
 
     async def abort(self, request_id: str) -> None:
         if self.llm is not None:
-            await self.llm.abort(request_id)
+            await self._abort(self.llm, request_id)
+
+    @staticmethod
+    async def _abort(llm, request_id: str) -> None:
+        """Idempotent: vLLM's own generator aborts on close too, and an id it no longer knows is ignored."""
+        if llm.errored:  # a dead engine has nothing left to abort
+            return
+        try:
+            await llm.abort(request_id)
+        except Exception as exc:  # noqa: BLE001 - best effort: the request's own outcome is what counts
+            log.warning("engine request %s not aborted: %s: %s", request_id, type(exc).__name__, exc)
+            return
+        log.info("engine request %s aborted", request_id)
 
     async def shutdown(self) -> None:
         if self.llm is not None:

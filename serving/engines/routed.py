@@ -1,0 +1,85 @@
+"""vLLM for the base model and LoRA tasks; the transformers engine for the adapters vLLM cannot serve.
+
+vLLM 0.32 refuses DoRA ("does not yet support DoRA") and has no kernels for prompt, prefix or
+adaption-prompt adapters. Their manifests say `serve_with: transformers`; on a vLLM server such a
+task is decoded by a transformers engine started the first time one is loaded, so every method
+`train` produces can be served by the default server. The base model never leaves vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+from serving.engines.base import AdapterRef, Delta, GenParams
+
+log = logging.getLogger("guardtune.serve")
+
+
+class RoutedEngine:
+    def __init__(self, primary, make_secondary: Callable[[], object]):
+        self.primary, self._make_secondary = primary, make_secondary
+        self.secondary = None
+        self._starting = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.primary.name
+
+    def serves(self, engine: str) -> bool:
+        return engine in (self.primary.name, "transformers")
+
+    def _for(self, adapter: AdapterRef | None):
+        if adapter is not None and adapter.engine != self.primary.name:
+            return self.secondary
+        return self.primary
+
+    async def _secondary(self, adapter: AdapterRef):
+        async with self._starting:  # two first loads at once start one engine
+            if self.secondary is None:
+                t0 = time.time()
+                engine = self._make_secondary()
+                await engine.start()
+                self.secondary = engine
+                log.info("transformers engine started beside %s in %.1f s, for %s", self.primary.name,
+                         time.time() - t0, adapter.name)
+        return self.secondary
+
+    async def start(self) -> None:
+        await self.primary.start()
+
+    def ready(self) -> bool:
+        return self.primary.ready() and (self.secondary is None or self.secondary.ready())
+
+    async def restart(self) -> None:
+        """After the primary died: a fresh primary. The secondary runs in this process and reloads its base
+        too, so the caller's reload of every adapter finds both engines empty."""
+        await self.primary.restart()
+        if self.secondary is not None:
+            await self.secondary.restart()
+
+    async def generate(self, request_id: str, prompt_ids: list[int], params: GenParams,
+                       adapter: AdapterRef | None) -> AsyncIterator[Delta]:
+        async for delta in self._for(adapter).generate(request_id, prompt_ids, params, adapter):
+            yield delta
+
+    async def load_adapter(self, adapter: AdapterRef) -> None:
+        if adapter.engine != self.primary.name:
+            await (await self._secondary(adapter)).load_adapter(adapter)
+        else:
+            await self.primary.load_adapter(adapter)
+
+    async def unload_adapter(self, adapter: AdapterRef) -> None:
+        await self._for(adapter).unload_adapter(adapter)
+
+    async def shutdown(self) -> None:
+        if self.secondary is not None:
+            await self.secondary.shutdown()
+        await self.primary.shutdown()
+
+    def __getattr__(self, name: str):  # engine-specific attributes (load_seconds, llm) are the primary's
+        if name in ("primary", "secondary", "_make_secondary", "_starting"):
+            raise AttributeError(name)
+        return getattr(self.primary, name)
