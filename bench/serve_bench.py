@@ -131,14 +131,14 @@ def guardtune_server(tmp: Path, adapter: Path, a, engine: str = "vllm", env: dic
            "max_loras": 4, "max_lora_rank": 64,
            "limits": {"max_concurrency": max(a.levels), "max_queue": 4 * max(a.levels),
                       "max_tokens_cap": max(a.max_tokens, 64), "queue_timeout_s": 900}}
-    return ServerProcess(cfg, tmp, env=env, ready_timeout=600)
+    return ServerProcess(cfg, tmp, env={"GUARDTUNE_LORA_CPU": "1", **(env or {})}, ready_timeout=600)
 
 
 def raw_server(tmp: Path, adapter: Path, a, lora: bool):
     tmp.mkdir(parents=True, exist_ok=True)
     args = server_args(resolve_base_model(DEFAULT_BASE_MODEL), max_num_seqs=max(a.levels), max_model_len=1024,
                        loras={"sales": adapter} if lora else None)
-    return RawVLLMServer(args, tmp / "vllm.log")
+    return RawVLLMServer(args, tmp / "vllm.log", env={"GUARDTUNE_LORA_CPU": "1"})  # installed here: same ops
 
 
 def servers(tmp: Path, adapter: Path, a) -> list[tuple[str, Callable[[], AbstractContextManager], list[str]]]:

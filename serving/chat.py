@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 
+import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serving.auth import key_id
@@ -154,7 +155,11 @@ class _HeldStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self._stack.aclose()  # a no-op when the stream closed it already
+            # A client gone while `send` waited leaves the body generator suspended: close it now (engine
+            # abort, its record) before the pin and slot go, not whenever it is collected.
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self._stack.aclose()  # a no-op when the stream closed it already
 
 
 class _Run:
@@ -288,15 +293,16 @@ class _Run:
                         yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                 else:
                     sent = []
-                    async for text in self._as_written():
-                        sent.append(text)
-                        yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
+                    async with contextlib.aclosing(self._as_written()) as written:
+                        async for text in written:
+                            sent.append(text)
+                            yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
                     self.sent = "".join(sent)
                 yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=self._extra()))
                 if self.req.stream_options and self.req.stream_options.include_usage:
                     yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
                 yield "data: [DONE]\n\n"
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # the client left (GeneratorExit: closed while sending)
             status, self.finish = 499, "client_disconnected"
             raise
         except Exception as exc:  # the headers are gone: the failure travels as an error event

@@ -9,6 +9,7 @@ task is decoded by a transformers engine started the first time one is loaded, s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import AsyncIterator, Callable
@@ -23,6 +24,7 @@ class RoutedEngine:
         self.primary, self._make_secondary = primary, make_secondary
         self.secondary = None
         self._starting = asyncio.Lock()
+        self._on_secondary: set[int] = set()  # adapter ids loaded on the secondary
 
     @property
     def name(self) -> str:
@@ -54,32 +56,36 @@ class RoutedEngine:
         return self.primary.ready() and (self.secondary is None or self.secondary.ready())
 
     async def restart(self) -> None:
-        """After the primary died: a fresh primary. The secondary runs in this process and reloads its base
-        too, so the caller's reload of every adapter finds both engines empty."""
+        """After the primary died: a fresh primary. The secondary runs in this process and did not die; it
+        keeps its adapters, and the caller's reload of every adapter skips the ones it holds."""
         await self.primary.restart()
-        if self.secondary is not None:
-            await self.secondary.restart()
 
     async def generate(self, request_id: str, prompt_ids: list[int], params: GenParams,
                        adapter: AdapterRef | None) -> AsyncIterator[Delta]:
-        async for delta in self._for(adapter).generate(request_id, prompt_ids, params, adapter):
-            yield delta
+        # Closed with this generator, at once: the engine's own close aborts the request.
+        async with contextlib.aclosing(self._for(adapter).generate(request_id, prompt_ids, params, adapter)) as gen:
+            async for delta in gen:
+                yield delta
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
         if adapter.engine != self.primary.name:
-            await (await self._secondary(adapter)).load_adapter(adapter)
+            if adapter.lora_id not in self._on_secondary:
+                await (await self._secondary(adapter)).load_adapter(adapter)
+                self._on_secondary.add(adapter.lora_id)
         else:
             await self.primary.load_adapter(adapter)
 
     async def unload_adapter(self, adapter: AdapterRef) -> None:
         await self._for(adapter).unload_adapter(adapter)
+        self._on_secondary.discard(adapter.lora_id)
 
     async def shutdown(self) -> None:
-        if self.secondary is not None:
-            await self.secondary.shutdown()
+        async with self._starting:  # a secondary being started is shut down too
+            if self.secondary is not None:
+                await self.secondary.shutdown()
         await self.primary.shutdown()
 
     def __getattr__(self, name: str):  # engine-specific attributes (load_seconds, llm) are the primary's
-        if name in ("primary", "secondary", "_make_secondary", "_starting"):
+        if name in ("primary", "secondary", "_make_secondary", "_starting", "_on_secondary"):
             raise AttributeError(name)
         return getattr(self.primary, name)
