@@ -7,15 +7,10 @@ on CPU, the same max_num_seqs, max_model_len, LoRA slots and rank, and the same 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from serving.launcher import free_port
+from serving.launcher import ChildServer, free_port
 
 
 def _cpu_env(kv_cache_gb: float) -> dict[str, str]:
@@ -35,48 +30,13 @@ def server_args(base_dir: Path, *, max_num_seqs: int, max_model_len: int, loras:
     return args
 
 
-class RawVLLMServer:
+class RawVLLMServer(ChildServer):
+    ready_path = "/v1/models"
+
     def __init__(self, args: list[str], log_path: Path, *, kv_cache_gb: float = 2, ready_timeout: float = 600,
                  env: dict[str, str] | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--port", str(self.port),
+        port = free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *args, "--port", str(port),
                "--host", "127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **_cpu_env(kv_cache_gb), **(env or {})},
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            self._wait_ready(ready_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n"
-                                   f"{self.log_path.read_text(errors='replace')[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"vLLM server not ready in {timeout} s")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
+        super().__init__(cmd, log_path, port, ready_timeout=ready_timeout,
+                         env={**_cpu_env(kv_cache_gb), **(env or {})})

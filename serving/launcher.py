@@ -1,4 +1,4 @@
-"""Start `guardtune serve` as a child process and wait until it is ready (used by demo, bench, tests)."""
+"""Start `guardtune serve` (or another HTTP server) as a child process and wait until it is ready."""
 
 from __future__ import annotations
 
@@ -22,19 +22,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServerProcess:
-    def __init__(self, config: dict, workdir: Path, *, ready_timeout: float = 300, port: int | None = None,
-                 env: dict[str, str] | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        workdir.mkdir(parents=True, exist_ok=True)
-        cfg_path = workdir / "serve.yaml"
-        cfg_path.write_text(yaml.safe_dump({**config, "port": self.port}))
-        self.log_path = workdir / "serve.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
-                                     cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+class ChildServer:
+    """An HTTP server as a child process in its own session: its output goes to `log_path`; it is ready
+    when `ready_path` answers 200; stopping sends SIGTERM (a graceful drain), then SIGKILL to the whole
+    process group if it hangs. `bench/raw_vllm.py` starts vLLM's own server with it."""
+
+    ready_path = "/ready"
+
+    def __init__(self, cmd: list[str], log_path: Path, port: int, *, ready_timeout: float, env: dict[str, str],
+                 cwd: Path = ROOT):
+        self.port, self.url, self.log_path = port, f"http://127.0.0.1:{port}", log_path
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=log_path.open("w"), stderr=subprocess.STDOUT,
+                                     env={**os.environ, **env}, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             self._wait_ready(ready_timeout)
         except BaseException:  # not ready, or interrupted while waiting: leave no server behind
@@ -47,7 +46,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{self.ready_path}", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -58,7 +57,6 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM (graceful drain), then SIGKILL to the whole process group if it hangs."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -73,3 +71,17 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+class ServerProcess(ChildServer):
+    """`guardtune serve` with `config` (written to `workdir`/serve.yaml), logging to `workdir`/serve.log."""
+
+    def __init__(self, config: dict, workdir: Path, *, ready_timeout: float = 300, port: int | None = None,
+                 env: dict[str, str] | None = None):
+        port = port or free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = workdir / "serve.yaml"
+        cfg_path.write_text(yaml.safe_dump({**config, "port": port}))
+        super().__init__([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
+                         workdir / "serve.log", port, ready_timeout=ready_timeout,
+                         env={"HF_HUB_OFFLINE": "1", **(env or {})})
