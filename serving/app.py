@@ -42,6 +42,7 @@ class ServerState:
     pipeline: Pipeline = field(default_factory=Pipeline)
     metrics: ServeMetrics = field(default_factory=ServeMetrics)
     admission: Admission | None = None
+    side_admission: Admission | None = None  # requests for the transformers engine beside vLLM
     limiter: RateLimiter | None = None
     ready: bool = False
     started_at: float = field(default_factory=time.time)
@@ -176,6 +177,8 @@ def create_app(cfg: ServeConfig, *, engine=None, pipeline: Pipeline | None = Non
     user_keys, admin_key = keys.users, keys.admin
     state.admission = Admission(cfg.limits.max_concurrency, cfg.limits.max_queue, cfg.limits.queue_timeout_s,
                                 gauge=state.metrics.queue_depth, running_gauge=state.metrics.running)
+    if cfg.engine == "vllm":  # that engine decodes one request at a time: its own queue, not vLLM's slots
+        state.side_admission = Admission(1, cfg.limits.max_queue, cfg.limits.queue_timeout_s)
     state.limiter = RateLimiter(cfg.limits.rate_limit_per_min)
 
     @contextlib.asynccontextmanager

@@ -84,7 +84,7 @@ class ChatService:
         try:
             slot, fmt, label = self._target(req.model, stack)
             ctx = self._context(req, fmt, label, caller)
-            await self._admit(stack, label, t0)
+            await self._admit(stack, label, t0, slot)
             intercept = await s.pipeline.run_pre(ctx)
             if intercept is not None:
                 await stack.aclose()
@@ -110,11 +110,13 @@ class ChatService:
                            principal=key_id(caller) if caller else None,
                            names=[m.name for m in req.messages if m.name])
 
-    async def _admit(self, stack: contextlib.AsyncExitStack, label: str, t0: float) -> None:
+    async def _admit(self, stack: contextlib.AsyncExitStack, label: str, t0: float, slot) -> None:
         """Wait for a generation slot. Guard work counts against admission too, so a flood of guarded
-        requests queues like any other. Refused (429) and abandoned (499, client gone) waits are recorded."""
+        requests queues like any other. Refused (429) and abandoned (499, client gone) waits are recorded.
+        A task served by the transformers engine beside vLLM waits in that engine's own queue."""
+        side = slot is not None and slot.ref.engine == "transformers" and self.s.side_admission is not None
         try:
-            await stack.enter_async_context(self.s.admission.slot())
+            await stack.enter_async_context((self.s.side_admission if side else self.s.admission).slot())
         except (APIError, asyncio.CancelledError) as exc:
             status, code = ((exc.status, exc.code or "rejected") if isinstance(exc, APIError)
                             else (499, "client_disconnected"))

@@ -3,8 +3,10 @@ the transformers engine, which the server starts beside vLLM the first time it i
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
+import time
 
 import httpx
 import openai
@@ -37,7 +39,7 @@ def server(two_adapters, dora_adapter, tmp_path_factory):
     srv = Server({"engine": "vllm", "adapters_root": str(root), "state_file": str(tmp / "state.json"),
                   "tasks": {"sales": str(adapters["kestrel"]), "heron": str(dora_adapter)},
                   "max_model_len": 512, "max_lora_rank": 16, "kv_cache_gb": 1,
-                  "limits": {"max_tokens_cap": 32}}, tmp)
+                  "limits": {"max_tokens_cap": 64, "max_concurrency": 1, "queue_timeout_s": 4}}, tmp)
     yield srv
     srv.stop()
 
@@ -60,6 +62,22 @@ def test_dora_task_is_served_beside_lora_on_a_vllm_server(server):
     models = {m.id: m.model_dump() for m in client.models.list().data}
     assert models["heron"]["method"] == "dora" and models["sales"]["method"] == "lora"
     assert "transformers engine" in server.log()
+
+
+def test_a_long_dora_request_does_not_hold_vllms_slots(server):
+    """The transformers engine decodes one request at a time, in a queue of its own: with one vLLM slot
+    and a 4 s queue timeout, a LoRA request is served while a DoRA request generates 64 tokens (over 10 s here)."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0, timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long = pool.submit(client.chat.completions.create, model="heron", messages=Q, max_tokens=64,
+                           temperature=0, extra_body={"ignore_eos": True})
+        time.sleep(1.0)  # admitted and decoding: 64 DoRA tokens take over 10 s on the transformers engine
+        t0 = time.time()
+        sales = client.chat.completions.create(model="sales", messages=Q, max_tokens=8, temperature=0)
+        waited = time.time() - t0
+        assert not long.done(), "the DoRA request should still be generating"
+        assert long.result().usage.completion_tokens == 64
+    assert sales.usage.completion_tokens == 8 and waited < 4
 
 
 def test_dora_task_swaps_and_deletes_like_any_task(server, two_adapters):

@@ -13,5 +13,6 @@ from serving.engines.vllm_engine import VLLMEngine
 
 def make_engine(cfg, base_dir):
     if cfg.engine == "vllm":
-        return RoutedEngine(VLLMEngine(cfg, base_dir), lambda: TransformersEngine(cfg, base_dir))
+        # Beside vLLM on CPU: on a GPU, vLLM has reserved the memory (gpu_memory_utilization) for itself.
+        return RoutedEngine(VLLMEngine(cfg, base_dir), lambda: TransformersEngine(cfg, base_dir, device="cpu"))
     return TransformersEngine(cfg, base_dir)

@@ -21,8 +21,9 @@ from serving.engines.base import AdapterRef, Delta, GenParams
 class TransformersEngine:
     name = "transformers"
 
-    def __init__(self, cfg, base_dir):
+    def __init__(self, cfg, base_dir, device: str | None = None):
         self.cfg, self.base_dir = cfg, base_dir
+        self.device = device  # None: CUDA when there is one
         self.model = self.tokenizer = None
         self.base = None  # the base model; LoRA layers are injected into it in place
         self.adapters: dict[int, str] = {}  # lora_id -> peft adapter name on the shared PeftModel (LoRA family)
@@ -45,9 +46,10 @@ class TransformersEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         model = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=dtype)
-        return model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        return model.to(device).eval()
 
     async def restart(self) -> None:
         """In-process, this engine does not die; a restart reloads the base (the caller reloads adapters)."""
