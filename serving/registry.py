@@ -95,7 +95,7 @@ class TaskRegistry:
                                        f"serve it as the base model (`base_model: {real}` in the serve config)")
         if not (real / "adapter_config.json").is_file() or not any(real.glob("adapter_model.*")):
             raise AdapterRejected(400, f"adapter {path}: adapter_config.json or adapter weights missing")
-        if not self.engine.serves(manifest.serve_with):
+        if manifest.serve_with != "vllm" and not self.engine.serves(manifest.serve_with):  # any engine serves LoRA
             raise AdapterRejected(409, f"adapter {path} ({manifest.method}) cannot be served by vLLM, which serves "
                                        "only LoRA adapters: set `engine: transformers` in the serve config")
         if manifest.base_model.sha256 != self.base_sha256:
