@@ -16,7 +16,7 @@ from vllm.lora.ops.torch_ops import lora_ops as upstream
 NO_ADAPTER = -1
 
 
-def _stacked(w: torch.Tensor) -> torch.Tensor:
+def stacked(w: torch.Tensor) -> torch.Tensor:
     """[slots, 1, out, in] or [slots, out, in] -> [slots, out, in]."""
     return w.squeeze(1) if w.dim() == 4 else w
 
@@ -51,14 +51,14 @@ def _matmuls(x: torch.Tensor, w: torch.Tensor, indices: torch.Tensor, dtype: tor
     rows get no LoRA (no adapter, or an empty slot: the product would be zeros)."""
     found, unadapted = groups(indices)
     live = [(slot, rows) for slot, rows in found if not slot_is_empty(w, slot)]
-    w = _stacked(w)
+    w = stacked(w)
     return [(rows, x[rows].to(dtype) @ w[slot].to(dtype).T) for slot, rows in live], \
         unadapted or len(live) < len(found)
 
 
 def bgmv_shrink(inputs, lora_b_weights, output_tensor, lora_indices_tensor, scaling: float = 1.0):
     parts, unadapted = _matmuls(inputs, lora_b_weights, lora_indices_tensor, output_tensor.dtype)
-    r = _stacked(lora_b_weights).shape[1]
+    r = stacked(lora_b_weights).shape[1]
     if unadapted:
         output_tensor[:, :r] = 0
     for rows, out in parts:
@@ -82,7 +82,7 @@ def _expand_into(inputs, lora_b_weights, output_tensor, indices, lo: int, hi: in
 
 def bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs: bool = True):
     # LoRA and model may pad their output widths differently: write the common part, as vLLM does.
-    common = min(_stacked(lora_b_weights).shape[1], output_tensor.shape[1])
+    common = min(stacked(lora_b_weights).shape[1], output_tensor.shape[1])
     if not _expand_into(inputs, lora_b_weights, output_tensor, lora_indices_tensor, 0, common, add_inputs):
         upstream.bgmv_expand(inputs, lora_b_weights, output_tensor, lora_indices_tensor, add_inputs)
 

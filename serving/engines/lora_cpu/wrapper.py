@@ -35,11 +35,6 @@ def update_metadata(self, *args, **kwargs) -> None:
     self.guardtune_groups = ops.groups(self.token_lora_indices)[0]
 
 
-def _slot(stacked: torch.Tensor, slot: int) -> torch.Tensor:
-    """[slots, 1, out, in] or [slots, out, in] -> [out, in] of one slot, a view."""
-    return stacked[slot, 0] if stacked.dim() == 4 else stacked[slot]
-
-
 def _rank(a: torch.Tensor, b: torch.Tensor) -> int:
     """The adapter's own rank in a slot padded to the engine's max rank: the rows of A (columns of B)
     up to the last non-zero one."""
@@ -51,7 +46,7 @@ def _rank(a: torch.Tensor, b: torch.Tensor) -> int:
 def _pack(a_stacked, b_stacked, slot: int, sizes: tuple[int, ...]) -> Packed:
     a_parts, b_parts = [], []
     for a, b, size in zip(a_stacked, b_stacked, sizes):
-        a_s, b_s = _slot(a, slot), _slot(b, slot)
+        a_s, b_s = ops.stacked(a)[slot], ops.stacked(b)[slot]
         r = _rank(a_s, b_s)
         a_parts.append(a_s[:r].to(torch.float32))
         b_parts.append(b_s[:size, :r].to(torch.float32))
