@@ -28,7 +28,7 @@ from bench import results_io  # noqa: E402
 CHILD = """
 import json, resource, sys, time
 from transformers import AutoTokenizer
-from guardtune.models import resolve_base_model
+from kernel.models import resolve_base_model
 from training.config import validate
 from training.data.dataset import prepare
 tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m-instruct"))
@@ -45,7 +45,7 @@ print("RESULT", json.dumps({"seconds": dt, "rows": data.stats.train_rows, "token
 BASELINE = """
 import resource, sys, time
 from transformers import AutoTokenizer
-from guardtune.models import resolve_base_model
+from kernel.models import resolve_base_model
 from training.data.processor import MaskOptions, tokenize_conversation
 from training.data.readers import read_jsonl
 tok = AutoTokenizer.from_pretrained(resolve_base_model("smollm2-135m-instruct"))
@@ -92,7 +92,7 @@ def main() -> None:
     p.add_argument("--shard-rows", type=int, default=20_000)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "data")
     a = p.parse_args()
-    from guardtune.paths import cache_root
+    from kernel.paths import cache_root
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,7 +31,7 @@ from guardrails.classifier.fit import fit_mlp
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier
 from guardrails.classifier.train import targets
-from guardrails.embeddings import embed
+from kernel.encoder import embed
 
 
 def _pct(xs: list[float], q: float) -> float:

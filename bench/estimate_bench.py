@@ -78,7 +78,7 @@ def phase(name, fn):
 MODE = sys.argv[1]
 if MODE == "baseline":
     # What every run holds before the model exists: the same imports, the tokenizer, the data.
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
     from training.config import load_config
     from training.data.dataset import prepare
     from transformers import AutoTokenizer, Trainer  # noqa: F401

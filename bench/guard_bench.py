@@ -55,9 +55,9 @@ def pct(xs, q):
 
 def per_step(n: int) -> dict:
     from guardrails.compliance import Compliance
-    from guardrails.embeddings import cache_clear
     from guardrails.moderation import ModerationConfig, Moderator
     from guardrails.scripts import ScriptStore, build_store
+    from kernel.encoder import cache_clear
 
     mod = Moderator(ModerationConfig(banned_topics={"politics": ["Who should I vote for?"]}))
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,9 +193,9 @@ def keyword_soup(seed: int = 0) -> str:
 def hostile_scan(repeats: int = 3) -> dict:
     """Per scanner, the worst time (best of `repeats`) over the hostile shapes of 1 MB; the old
     backtracking e-mail pattern against the RE2 PII scanner on the issue's 'a' strings."""
-    from guardrails.embeddings import cache_clear
     from guardrails.moderation import ModerationConfig, build_scanners
     from guardrails.scanners.pii import PII
+    from kernel.encoder import cache_clear
 
     scanners = build_scanners(ModerationConfig(banned_topics={"politics": ["Who should I vote for?"]}))
     scanners.append(PII(action="block"))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from guardrails.embeddings import embed, embed_windows
 from guardrails.scanners.injection import Injection
+from kernel.encoder import embed, embed_windows
 
 EXEMPLARS = Path(__file__).resolve().parent / "data" / "injection_exemplars.txt"
 THRESHOLD = 0.62

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from bench import results_io  # noqa: E402
 from bench.raw_vllm import RawVLLMServer, server_args  # noqa: E402
 from bench.vllm_client import run_vllm_bench  # noqa: E402
-from guardtune.models import DEFAULT_BASE_MODEL, resolve_base_model  # noqa: E402
+from kernel.models import DEFAULT_BASE_MODEL, resolve_base_model  # noqa: E402
 from serving.launcher import ServerProcess  # noqa: E402
 
 PROMPTS = ["What does a home battery cost?", "Do panels work on cloudy days?", "How long is installation?",

@@ -106,7 +106,7 @@ def packing_bench(n_rows: int, out: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "cache").mkdir()
-        from guardtune.paths import cache_root
+        from kernel.paths import cache_root
 
         (work / "cache" / "models").symlink_to(cache_root() / "models")  # the materialised base, not rebuilt
         data = work / "mixed.jsonl"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from guardtune.models import DEFAULT_BASE_MODEL, resolve_base_model  # noqa: E402
+from kernel.models import DEFAULT_BASE_MODEL, resolve_base_model  # noqa: E402
 
 # What `vllm bench serve` runs (vllm/entrypoints/cli/benchmark/serve.py), without the console script.
 _CLIENT = """\

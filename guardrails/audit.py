@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 DEFAULT_DB = Path("audit/audit.db")
 OUTCOMES = ("passed", "blocked", "redacted", "script", "fallback", "monitor")

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 DEFAULT_DB = "audit/audit.db"  # same as guardrails.audit.DEFAULT_DB; kept here so --help imports nothing
 
@@ -176,7 +176,7 @@ def run_badcases(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m guardrails.audit_cli audit ...`: the two subcommands without the rest of guardtune."""
-    from guardtune.cli_util import run_cli
+    from kernel.cli_util import run_cli
 
     parser = argparse.ArgumentParser(prog="guardtune")
     add_arguments(parser.add_subparsers(dest="command", required=True))

@@ -38,7 +38,7 @@ class Compliance:
         self.output_scanners = output_scanners or []
 
     def decide(self, raw: str, *, stage: str | None, session_id: str | None, threshold: float) -> Decision:
-        from guardrails.embeddings import embed_one
+        from kernel.encoder import embed_one
 
         t0 = time.perf_counter()
         store = self.store  # one snapshot: a reload mid-decision does not mix two stores
@@ -63,7 +63,7 @@ class Compliance:
 
     def infer_stage(self, user_text: str, previous: str | None, min_score: float = 0.35) -> str | None:
         """The stage of the staged script nearest to the user's words; else the session's last stage."""
-        from guardrails.embeddings import embed_one
+        from kernel.encoder import embed_one
 
         match = self.store.nearest(embed_one(user_text), None)
         if match is not None and match.script.stage != "*" and match.score >= min_score:

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from guardtune.configfile import explain, read_mapping
-from guardtune.errors import GuardtuneError
-from guardtune.fsutil import atomic_dir
+from kernel.configfile import explain, read_mapping
+from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_dir
 
 GLOBAL = "*"
 STORE_FORMAT = 1
@@ -73,7 +73,7 @@ def load_library(path: str | Path) -> Library:
 def build_store(library_path: str | Path, out_dir: str | Path, *, log=print) -> dict:
     import faiss
 
-    from guardrails.embeddings import embed
+    from kernel.encoder import embed
 
     lib = load_library(library_path)
     t0 = time.time()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from guardtune.cli_util import run_cli
+from kernel.cli_util import run_cli
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -23,7 +23,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _base(args: argparse.Namespace) -> int:
-    from guardtune.models import resolve_base_model, weights_sha256
+    from kernel.models import resolve_base_model, weights_sha256
 
     path = resolve_base_model(args.name, log=lambda m: print(m, file=sys.stderr))
     print(f"{path}\nsha256 {weights_sha256(path)}")

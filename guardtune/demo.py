@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -51,7 +51,7 @@ def step(n: int, total: int, msg: str) -> None:
 # ---- preparation ------------------------------------------------------------------------------
 
 def train_adapters(workdir: Path, steps: int, v2_steps: int) -> dict[str, Path]:
-    from guardtune.manifest import Manifest
+    from kernel.manifest import Manifest
     from training.config import load_config
     from training.trainer import train
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 SUFFIXES = (".md", ".txt", ".html", ".htm")
 # all-MiniLM-L6-v2 reads 256 tokens: room for [CLS], [SEP] and the title line later chunks are embedded with

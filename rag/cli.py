@@ -15,7 +15,7 @@ from guardrails.classifier.categories import ATTACKS
 from guardrails.scanners.classifier import ContentClassifier
 from guardrails.scanners.injection import Injection
 from guardrails.scanners.normalise import Normalise
-from guardtune.cli_util import run_cli
+from kernel.cli_util import run_cli
 
 
 def index_path(name: str) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from rag.index import KnowledgeIndex
 
 CUTOFFS = (1, 3, 5, 10)

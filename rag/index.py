@@ -25,8 +25,8 @@ from typing import Callable
 
 import numpy as np
 
-from guardtune.errors import GuardtuneError
-from guardtune.fsutil import atomic_dir
+from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_dir
 from rag.chunking import check_sizes, chunk_text, find_documents, read_document, title
 
 VERSION = 1
@@ -135,7 +135,7 @@ class KnowledgeIndex:
 
     def search_many(self, queries: list[str], top_k: int = 5, min_score: float = 0.0) -> list[list[Hit]]:
         """Best chunks per query, highest cosine first; one embed call for all queries."""
-        from guardrails.embeddings import embed, embed_one
+        from kernel.encoder import embed, embed_one
 
         if not queries or not self.chunks or top_k < 1:
             return [[] for _ in queries]
@@ -310,7 +310,7 @@ class _Build:
 
 
 def _embed_with_progress(texts: list[str], log: Callable[[str], None]) -> np.ndarray:
-    from guardrails.embeddings import embed
+    from kernel.encoder import embed
 
     if not texts:
         return np.zeros((0, DIM), np.float32)

@@ -1,5 +1,5 @@
 """Serving: OpenAI-compatible chat on vLLM, one adapter per task (issue #3).
 
 It reads only what training publishes: adapter directories with a guardtune.json manifest
-(guardtune.manifest). Nothing here imports training code.
+(kernel.manifest). Nothing here imports training code.
 """

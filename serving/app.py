@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from pydantic import BaseModel, ConfigDict, Field
 
 from guardrails.audit import audit_page
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from serving.auth import require_admin, require_user
 from serving.config import ServeConfig
 from serving.errors import APIError, document_errors, errors, install_handlers
@@ -63,7 +63,7 @@ async def start_state(state: ServerState) -> None:
     """Resolve the base, start the engine, register tasks (the last committed mapping wins)."""
     from transformers import AutoTokenizer, GenerationConfig
 
-    from guardtune.models import resolve_base_model, weights_sha256
+    from kernel.models import resolve_base_model, weights_sha256
     from serving.engines import make_engine
     from serving.prompts import PromptRenderer
 
@@ -91,7 +91,7 @@ async def start_state(state: ServerState) -> None:
             log.error("task %s not served: %s", task, exc)
     log.info("serving tasks: %s", ", ".join(state.registry.tasks) or "(none)")
     if cfg.guardrails is not None or cfg.rag:
-        from guardrails.embeddings import embed
+        from kernel.encoder import embed
 
         await asyncio.to_thread(embed, ["warm-up"])  # load the encoder now, not on the first guarded request
     state.ready = True

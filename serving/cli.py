@@ -51,7 +51,7 @@ def add_adapters_arguments(p: argparse.ArgumentParser) -> None:
 def adapters(args: argparse.Namespace) -> int:
     import httpx
 
-    from guardtune.errors import GuardtuneError
+    from kernel.errors import GuardtuneError
 
     headers = {}
     if key := os.environ.get("GUARDTUNE_ADMIN_KEY"):

@@ -11,10 +11,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from guardrails.moderation import ModerationConfig
 from guardrails.stores import check_target
-from guardtune.configfile import explain, read_mapping
-from guardtune.errors import GuardtuneError
-from guardtune.models import DEFAULT_BASE_MODEL
-from guardtune.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
+from kernel.configfile import explain, read_mapping
+from kernel.errors import GuardtuneError
+from kernel.models import DEFAULT_BASE_MODEL
+from kernel.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,6 @@ class ServerProcess(ChildServer):
         workdir.mkdir(parents=True, exist_ok=True)
         cfg_path = workdir / "serve.yaml"
         cfg_path.write_text(yaml.safe_dump({**config, "port": port}))
-        super().__init__([sys.executable, "-m", "guardtune.cli", "serve", "--config", str(cfg_path)],
+        super().__init__([sys.executable, "-m", "serving", "--config", str(cfg_path)],
                          workdir / "serve.log", port, ready_timeout=ready_timeout,
                          env={"HF_HUB_OFFLINE": "1", **(env or {})})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from guardtune.manifest import Manifest
+from kernel.manifest import Manifest
 
 
 @dataclass(frozen=True)

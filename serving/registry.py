@@ -17,8 +17,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import Manifest
+from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest
 from serving.engines.base import AdapterRef
 from serving.prompts import PromptFormat
 

@@ -44,7 +44,7 @@ def write_jsonl(path: Path, rows) -> Path:
 
 @pytest.fixture(scope="session")
 def base_dir() -> Path:
-    from guardtune.models import DEFAULT_BASE_MODEL, resolve_base_model
+    from kernel.models import DEFAULT_BASE_MODEL, resolve_base_model
 
     return resolve_base_model(DEFAULT_BASE_MODEL)
 

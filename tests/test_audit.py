@@ -18,7 +18,7 @@ import pytest
 from guardrails.audit import QUERY_FILTERS, AuditBackend, AuditStore, audit_page, export_badcases
 from guardrails.stores import open_audit_store
 from guardrails.stores.postgres import PostgresAuditStore
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

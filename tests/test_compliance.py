@@ -8,10 +8,10 @@ import json
 import pytest
 
 from guardrails.compliance import Compliance
-from guardrails.embeddings import embed
 from guardrails.scanners.pii import PII
 from guardrails.scripts import ScriptStore, build_store, load_library
-from guardtune.errors import GuardtuneError
+from kernel.encoder import embed
+from kernel.errors import GuardtuneError
 from tests.conftest import ROOT
 
 LIBRARY = ROOT / "examples" / "guardrails" / "scripts.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from tests.conftest import run_cli
 from training.config import load_config, parse_overrides, validate
 

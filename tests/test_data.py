@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from tests.conftest import tiny_config, write_jsonl
 from training.config import validate
 from training.data.dataset import prepare

@@ -30,7 +30,7 @@ DOCS = [f"The {p} is made by Kestrel Home Solar. It carries a ten year warranty 
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch, base_dir):
     """A fresh tokenised-data cache per test; the materialised model is shared, not rebuilt."""
-    from guardtune.paths import cache_root
+    from kernel.paths import cache_root
 
     models = cache_root() / "models"
     (tmp_path / "cache").mkdir()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from serving.config import load_serve_config
 from tests.conftest import ROOT
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from guardtune.manifest import Manifest
+from kernel.manifest import Manifest
 from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config
 
 QUESTION = "Can you tell me about your company?"  # not in the training data

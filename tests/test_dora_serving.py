@@ -91,7 +91,7 @@ def test_dora_task_swaps_and_deletes_like_any_task(server, two_adapters):
 
 
 def test_an_old_dora_manifest_is_routed_to_transformers(dora_adapter, tmp_path):
-    from guardtune.manifest import Manifest
+    from kernel.manifest import Manifest
 
     old = shutil.copytree(dora_adapter, tmp_path / "old")
     raw = json.loads((old / "guardtune.json").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from guardrails.audit import AuditStore
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import Manifest
+from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest
 from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config, tiny_rows, write_jsonl
 from training.config import load_config, validate
 from training.evaluate import DEFAULT_GENERAL_EVAL, RougeTokenizer, text_scores
@@ -72,7 +72,7 @@ def test_dpo_reward_margin_and_accuracy_rise(dpo_run):
 
 
 def test_dpo_manifest_complete_and_serving_accepts_it(dpo_run, base_dir, tmp_path):
-    from guardtune.models import weights_sha256
+    from kernel.models import weights_sha256
     from serving.registry import TaskRegistry
 
     cfg, adapter, _ = dpo_run

@@ -56,7 +56,7 @@ def test_a_threshold_the_user_set_wins_and_gpus_are_left_alone():
 
 QLORA_CHILD = r"""
 import json, sys
-from guardtune.models import resolve_base_model
+from kernel.models import resolve_base_model
 from training import peft_setup
 from training.config import load_config
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import Manifest
+from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest
 from tests.conftest import Server, tiny_config
 from training.config import validate
 from training.trainer import train
@@ -106,14 +106,14 @@ def test_artifact_kinds_in_manifest_and_on_disk(trained):
     # Servable as a base model: the resolver accepts it and the chat template travels with the tokenizer.
     from transformers import AutoTokenizer
 
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
 
     assert resolve_base_model(str(full)) == full
     assert "<|im_start|>" in AutoTokenizer.from_pretrained(full).chat_template
 
 
 def test_freeze_trains_only_the_named_parts(trained):
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
     from training import peft_setup
 
     cfg, _ = trained("freeze")
@@ -147,7 +147,7 @@ def test_resume_continues_from_a_full_model_checkpoint(trained, tmp_path):
 
 
 def test_p_tuning_lstm_encoder_builds(tmp_path, tiny_data):
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
     from training import peft_setup
 
     cfg = validate(tiny_config(tmp_path, tiny_data, method="p_tuning", p_tuning_encoder="lstm",
@@ -210,7 +210,7 @@ def test_old_manifest_without_artifact_keys_still_reads(trained, tmp_path):
 
 
 def registry(engine, root: Path, base_dir: Path):
-    from guardtune.models import weights_sha256
+    from kernel.models import weights_sha256
     from serving.registry import TaskRegistry
 
     return TaskRegistry(engine, base_sha256=weights_sha256(base_dir), adapters_root=root, max_lora_rank=16,

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from guardtune.errors import GuardtuneError
-from guardtune.models import resolve_base_model, weights_sha256
+from kernel.errors import GuardtuneError
+from kernel.models import resolve_base_model, weights_sha256
 from tests.conftest import run_cli
 
 

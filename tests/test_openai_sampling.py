@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from bench.vllm_client import run_vllm_bench
-from guardtune.manifest import Manifest
+from kernel.manifest import Manifest
 from serving.engines.base import AdapterRef, GenParams
 from serving.engines.hf_engine import TransformersEngine
 from serving.prompts import PromptFormat, PromptRenderer

@@ -24,7 +24,7 @@ import pytest
 
 from guardrails.stores import open_audit_store, open_session_store, redact
 from guardrails.stores.postgres import PostgresAuditStore, PostgresSessions
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from tests import test_audit as sqlite_audit
 from tests.test_audit import ROOT, T0, badcase_store, rec
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import guardrails.embeddings
-from guardtune.errors import GuardtuneError
+import kernel.encoder
+from kernel.errors import GuardtuneError
 from rag.chunking import _tokenizer, chunk_text, find_documents, html_to_text, read_document
 from rag.cli import InjectionScreen
 from rag.cli import main as rag_main
@@ -66,13 +66,13 @@ def kb(tmp_path_factory) -> KnowledgeIndex:
 def embedded(monkeypatch) -> list[str]:
     """Every text passed to the embedder, to prove what was (not) re-embedded."""
     seen: list[str] = []
-    real = guardrails.embeddings.embed
+    real = kernel.encoder.embed
 
     def counting(texts, *args, **kwargs):
         seen.extend(texts)
         return real(texts, *args, **kwargs)
 
-    monkeypatch.setattr(guardrails.embeddings, "embed", counting)
+    monkeypatch.setattr(kernel.encoder, "embed", counting)
     return seen
 
 

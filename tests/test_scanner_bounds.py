@@ -24,13 +24,13 @@ import pytest
 
 import guardrails.scanners
 from bench.guard_bench import HOSTILE, keyword_soup, megabyte
-from guardrails import embeddings
 from guardrails.classifier.data import load_seeds
 from guardrails.moderation import ModerationConfig, Moderator, build_scanners
 from guardrails.scanners import linear
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
 from guardrails.scanners.pii import PII, cn_id_ok, luhn_ok
+from kernel import encoder as embeddings
 from tests.conftest import ROOT
 
 # Worst measured on 1 MB, idle 2-core CPU (bench/results/guard.md): normalise 44 ms, size_charset 0 ms, pii 600 ms

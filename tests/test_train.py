@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from guardtune.manifest import Manifest
+from kernel.manifest import Manifest
 from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config
 from training.config import validate
 from training.trainer import train
@@ -54,7 +54,7 @@ def test_progress_lines_and_swanlab_run(lora_run):
 
 
 def test_adapter_dir_is_peft_plus_complete_manifest(lora_run, base_dir):
-    from guardtune.models import weights_sha256
+    from kernel.models import weights_sha256
 
     cfg, adapter, _ = lora_run
     assert adapter == cfg.adapter_dir
@@ -134,7 +134,7 @@ def test_other_methods_train_and_publish(method, tmp_path, tiny_data):
 
 
 def test_qlora_base_is_4bit(tmp_path, tiny_data):
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
     from training import peft_setup
 
     cfg = validate(tiny_config(tmp_path, tiny_data, method="qlora"))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import Manifest, resolve_manifest_base
+from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest, resolve_manifest_base
 
 _BASE_DIR = "guardtune_base_dir"
 _BASE_PARAMS = "_guardtune_base_params"

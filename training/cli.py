@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from guardtune.cli_util import run_cli
+from kernel.cli_util import run_cli
 from training.config import TrainConfig
 
 

@@ -14,11 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from guardtune.configfile import explain, read_mapping
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import FULL_METHODS, LORA_METHODS, Method
-from guardtune.models import DEFAULT_BASE_MODEL
-from guardtune.paths import DEFAULT_ADAPTERS_DIR, DEFAULT_RUNS_DIR
+from kernel.configfile import explain, read_mapping
+from kernel.errors import GuardtuneError
+from kernel.manifest import FULL_METHODS, LORA_METHODS, Method
+from kernel.models import DEFAULT_BASE_MODEL
+from kernel.paths import DEFAULT_ADAPTERS_DIR, DEFAULT_RUNS_DIR
 
 
 class ReplaySpec(BaseModel):

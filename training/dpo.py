@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import BaseModelRef, Manifest, Metrics
-from guardtune.models import weights_sha256
+from kernel.errors import GuardtuneError
+from kernel.manifest import BaseModelRef, Manifest, Metrics
+from kernel.models import weights_sha256
 from training.data.readers import BadRow, check_alternation, checked_turns, utf8_lines
 
 # TRL metric name -> manifest metric name

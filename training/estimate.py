@@ -38,8 +38,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from guardtune.configfile import explain, read_mapping
-from guardtune.errors import GuardtuneError
+from kernel.configfile import explain, read_mapping
+from kernel.errors import GuardtuneError
 
 GiB = 2**30
 
@@ -154,7 +154,7 @@ def resolve_shape(model: str, model_config: Path | None = None) -> ModelShape:
         return _read_config_json(path)
     if (path / "config.json").is_file():
         return _read_config_json(path / "config.json")
-    from guardtune.models import PACKAGED, resolve_base_model
+    from kernel.models import PACKAGED, resolve_base_model
 
     if model in PACKAGED:
         return _read_config_json(resolve_base_model(model, log=lambda m: None) / "config.json")

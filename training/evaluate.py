@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from training.adapters import load_adapter
 from training.data.processor import IGNORE, MaskOptions, tokenize_conversation
 from training.data.readers import read_jsonl

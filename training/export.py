@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.fsutil import atomic_dir
-from guardtune.manifest import FULL_METHODS, LORA_METHODS, Manifest, resolve_manifest_base
+from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_dir
+from kernel.manifest import FULL_METHODS, LORA_METHODS, Manifest, resolve_manifest_base
 from training.adapters import load_adapter
 
 

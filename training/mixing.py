@@ -17,7 +17,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 from training.data.readers import read_jsonl
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import FULL_METHODS, LORA_METHODS, serving_for
+from kernel.errors import GuardtuneError
+from kernel.manifest import FULL_METHODS, LORA_METHODS, serving_for
 from training.config import TrainConfig
 
 

@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.paths import cache_root
+from kernel.errors import GuardtuneError
+from kernel.paths import cache_root
 from training.data.processor import render, with_system
 
 REPLAY_FORMAT = 1
@@ -76,7 +76,7 @@ def build_replay(spec, cfg, tokenizer, *, log=print) -> tuple[Path, bool]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from guardtune.models import resolve_base_model, weights_sha256
+    from kernel.models import resolve_base_model, weights_sha256
 
     prompts = read_prompts(spec.prompts)
     base_dir = resolve_base_model(cfg.base_model, log=log)

@@ -12,9 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.manifest import BaseModelRef, Manifest, Metrics
-from guardtune.models import resolve_base_model, weights_sha256
+from kernel.errors import GuardtuneError
+from kernel.manifest import BaseModelRef, Manifest, Metrics
+from kernel.models import resolve_base_model, weights_sha256
 from training.config import TrainConfig
 from training.distributed import runtime as dist
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from guardrails.classifier.data import SEEDS
 from guardrails.classifier.head import CARD
 from guardrails.classifier.train import TrainConfig, summary, train
-from guardtune.errors import GuardtuneError
-from guardtune.paths import cache_root
+from kernel.errors import GuardtuneError
+from kernel.paths import cache_root
 
 
 def add_arguments(sub) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from guardrails.classifier.categories import LANGS, closed
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 SEEDS = Path(__file__).resolve().parent / "seeds"
 FORMS = ("direct", "indirect", "polite", "obfuscated", "multi_turn", "short", "long")

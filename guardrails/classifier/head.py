@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from guardrails.classifier.categories import CATEGORIES, OUTPUTS
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 WEIGHTS, CARD = "head.npz", "card.json"
 COMMITTED = Path(__file__).resolve().parent / "model"

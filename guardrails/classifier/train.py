@@ -23,7 +23,7 @@ from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
 from guardrails.classifier.fit import calibrate, fit_logreg, fit_mlp
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, text_windows
-from guardtune.paths import cache_root
+from kernel.paths import cache_root
 
 
 @dataclass(frozen=True)

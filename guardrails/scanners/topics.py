@@ -13,7 +13,7 @@ class BannedTopics:
         self._index = None  # (vectors, topic name per row)
 
     def _load(self):
-        from guardrails.embeddings import embed
+        from kernel.encoder import embed
 
         names, phrases = [], []
         for topic, examples in self.topics.items():
@@ -24,7 +24,7 @@ class BannedTopics:
     def scan(self, text: str) -> Verdict:
         if not self.topics:
             return Verdict(self.name, text, True, 0.0)
-        from guardrails.embeddings import embed_windows
+        from kernel.encoder import embed_windows
 
         if self._index is None:
             self._load()

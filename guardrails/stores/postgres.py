@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from guardrails.audit import PURGE_BATCH, _where, audit_row, check_purge
 from guardrails.stores import redact
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 T = TypeVar("T")
 _SCHEMA_LOCK = 0x67746E64  # "gtnd": serialises CREATE TABLE IF NOT EXISTS across replicas

@@ -71,7 +71,7 @@ class TransformersEngine:
     def _load_adapter(self, adapter: AdapterRef) -> None:
         from peft import PeftModel
 
-        from guardtune.manifest import PROMPT_METHODS, Manifest
+        from kernel.manifest import PROMPT_METHODS, Manifest
 
         name = f"a{adapter.lora_id}"
         method = Manifest.read(adapter.path).method

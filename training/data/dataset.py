@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guardtune.errors import GuardtuneError
-from guardtune.paths import cache_root
+from kernel.errors import GuardtuneError
+from kernel.paths import cache_root
 from training.data import shards
 from training.data.cleaning import Cleaner, CleaningCounts
 from training.data.processor import IGNORE, MaskOptions, tokenize_batch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 
 def text_blocks(tokenizer, docs: list[str], block_size: int, batch: int = 1000) -> tuple[list[np.ndarray], int]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]

@@ -138,7 +138,7 @@ def _wait_for(cache_dir: Path, names: list[str], log, timeout_s: float, marker: 
             return
         now = time.time()
         if now - t0 > timeout_s:
-            from guardtune.errors import GuardtuneError
+            from kernel.errors import GuardtuneError
 
             raise GuardtuneError(f"data: gave up after {timeout_s:.0f}s waiting for {missing[0]} "
                                  "from another rank; did it fail?")

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 _LINE = re.compile(r"^(\S+)\s+slots\s*=\s*(\d+)$")
 

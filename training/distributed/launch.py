@@ -19,8 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.paths import cache_root
+from kernel.errors import GuardtuneError
+from kernel.paths import cache_root
 from training.config import TrainConfig
 from training.distributed import runtime
 from training.distributed.ds_config import check_deepspeed, deepspeed_path
@@ -142,7 +142,7 @@ def prepare_once(cfg: TrainConfig, log) -> Path | None:
     """Work that must not race between ranks: materialise the base, fill the data cache, pick the resume point."""
     from transformers import AutoTokenizer
 
-    from guardtune.models import resolve_base_model
+    from kernel.models import resolve_base_model
     from training.trainer import _resume_point
 
     base_dir = resolve_base_model(cfg.base_model, log=log)

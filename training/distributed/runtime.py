@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 RESUME_ENV = "GUARDTUNE_RESUME_FROM"  # set by the launcher, which already chose the checkpoint
 # accelerate sets a one-process CPU run to no distribution at all, and then there is nothing to shard across.
@@ -209,7 +209,7 @@ def save_adapter(trainer, adapter_dir: Path, save_weights, finish) -> None:
     `save_weights(tmp)` is the single-process save; `finish(tmp)` adds the manifest on rank 0
     before the directory is renamed into place.
     """
-    from guardtune.fsutil import atomic_dir
+    from kernel.fsutil import atomic_dir
 
     if not (sharded(trainer) or world_size() > 1):
         with atomic_dir(adapter_dir) as tmp:

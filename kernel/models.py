@@ -15,8 +15,8 @@ import shutil
 import time
 from pathlib import Path
 
-from guardtune.errors import GuardtuneError
-from guardtune.paths import cache_root
+from kernel.errors import GuardtuneError
+from kernel.paths import cache_root
 
 DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
 END_OF_TURN = "<|im_end|>"

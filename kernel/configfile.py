@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 
 def read_mapping(path: str | Path, what: str = "config") -> dict[str, Any]:

@@ -6,7 +6,7 @@ import os
 import sys
 from typing import Callable
 
-from guardtune.errors import GuardtuneError
+from kernel.errors import GuardtuneError
 
 
 def run_cli(fn: Callable[[], int]) -> int:
