@@ -4,15 +4,25 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install install-test demo test lint bench clean
 
+# The runtime only (what the images install).
 install:
 	@bash scripts/install.sh
+
+# The runtime plus pyproject's `test` extra.
+install-test:
+	@bash scripts/install.sh --test
 
 demo: install
 	@bash scripts/demo.sh
 
-test: install
+# Lint and the import contracts (pyproject's [tool.importlinter]) first: they take seconds, the suite minutes.
+lint: install-test
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	@bash scripts/install_browser.sh
 	@bash scripts/install_postgres.sh
 	$(PY) -m pytest

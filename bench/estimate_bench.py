@@ -5,7 +5,7 @@ tokens long (one long reply, cut to its last `seq` tokens by the same truncation
 every batch is exactly batch x seq with no padding. It then runs `train` in its own process for a
 few steps and reads the process's peak RSS (ru_maxrss), while a sampler thread records in which
 phase (load, forward, backward, optimizer step, ...) the peak happened. The estimator
-(training/estimate.py) is run on the same config and the error is reported. A separate process
+(training/estimate/) is run on the same config and the error is reported. A separate process
 measures the runtime baseline (imports, tokenizer, data) that the estimator states as a constant.
 Two configurations run again with `host_memory: fast` against the default `bounded`, for the RSS
 and s/step ratios of that setting (training/host_memory.py).
@@ -156,7 +156,8 @@ PUBLISHED = [
 
 def published_rows() -> list[dict]:
     """Each published figure beside the estimate of what it counts, with the ratio."""
-    from training.estimate import EstimateConfig, estimate, model_states_bytes, resolve_shape
+    from training.estimate import EstimateConfig, estimate, resolve_shape
+    from training.estimate.memory import model_states_bytes
 
     rows = []
     for source, claim, model, over, value_gb, compare, tol, note in PUBLISHED:
@@ -265,7 +266,7 @@ def main() -> None:
         work = Path(tmp)
         base, _ = child("baseline", train_args("lora", 4, 128, False, a.steps, work))
         print(f"bench: runtime baseline {base['ru_maxrss'] / 2**30:.3f} GiB measured, "
-              f"{CPU_RUNTIME_BYTES / 2**30:.3f} GiB stated in training/estimate.py", file=sys.stderr, flush=True)
+              f"{CPU_RUNTIME_BYTES / 2**30:.3f} GiB stated in training/estimate/memory.py", file=sys.stderr, flush=True)
         for method, batch, seq, gc in configs:
             print(f"bench: {method} batch {batch} x {seq}, gc={gc}, {a.steps} steps ...", file=sys.stderr, flush=True)
             try:

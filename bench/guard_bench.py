@@ -242,50 +242,24 @@ def health_under_load(seconds: float = 20.0, probes_per_s: float = 10.0) -> dict
     and a 1 MB chat turn (both refused by the size caps, before any scan), and the most scanning one
     request may ask for: 32 moderation inputs of `max_input_chars` hostile characters each (about 1 MB,
     every byte scanned)."""
-    import httpx
-
-    from serving.config import Limits
     from serving.launcher import ServerProcess
 
-    cap, key = Limits().max_input_chars, "bench-user"
-    shapes = [u for name, u in HOSTILE.items() if name != "lone surrogate"]  # the API refuses those at parse
-    scanned = [megabyte(shapes[i % len(shapes)])[:cap] for i in range(32)]
-    bodies = {"moderation 1 MB (refused)": ("/v1/moderations", {"input": "a" * MB}),
-              "chat 1 MB (refused)": ("/v1/chat/completions",
-                                      {"model": "base", "messages": [{"role": "user", "content": "a" * MB}]}),
-              "moderation 32 x 32k hostile (scanned)": ("/v1/moderations", {"input": scanned})}
-
-    def probe(url: str, n: int) -> list[float]:
-        times = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            httpx.get(f"{url}/health", timeout=30).raise_for_status()
-            times.append((time.perf_counter() - t0) * 1000)
-            time.sleep(1 / probes_per_s)
-        return times
-
+    key, bodies = "bench-user", _hostile_bodies()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"engine": "vllm", "adapters_root": f"{tmp}/adapters", "state_file": f"{tmp}/state.json",
                "api_keys": [key], "max_model_len": 1024, "kv_cache_gb": 1,
                "limits": {"max_body_bytes": 8 << 20},  # room for 1M multi-byte characters, JSON-escaped
                "guardrails": {"audit_db": f"{tmp}/audit.db"}}
         with ServerProcess(cfg, Path(tmp)) as srv:
-            idle = probe(srv.url, 50)
+            idle = _probe_health(srv.url, 50, probes_per_s)
             stop, sent = threading.Event(), {name: [] for name in bodies}
 
-            def hammer(name: str):
-                path, body = bodies[name]
-                with httpx.Client(base_url=srv.url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
-                    while not stop.is_set():
-                        t0 = time.perf_counter()
-                        status = c.post(path, json=body).status_code
-                        sent[name].append((status, (time.perf_counter() - t0) * 1000))
-
-            workers = [threading.Thread(target=hammer, args=(name,)) for name in bodies for _ in range(2)]
+            workers = [threading.Thread(target=_hammer, args=(srv.url, key, *bodies[name], stop, sent[name]))
+                       for name in bodies for _ in range(2)]
             for w in workers:
                 w.start()
             time.sleep(2)
-            loaded = probe(srv.url, int(seconds * probes_per_s))
+            loaded = _probe_health(srv.url, int(seconds * probes_per_s), probes_per_s)
             stop.set()
             for w in workers:
                 w.join()
@@ -299,6 +273,43 @@ def health_under_load(seconds: float = 20.0, probes_per_s: float = 10.0) -> dict
     out["worst_ratio"] = round(out["loaded"]["max_ms"] / max(out["idle"]["max_ms"], 1e-3), 1)
     print(f"bench: /health {out}", file=sys.stderr, flush=True)
     return out
+
+
+def _hostile_bodies() -> dict[str, tuple[str, dict]]:
+    """name -> (path, body) of the three hostile requests `health_under_load` sends."""
+    from serving.config import Limits
+
+    cap = Limits().max_input_chars
+    shapes = [u for name, u in HOSTILE.items() if name != "lone surrogate"]  # the API refuses those at parse
+    scanned = [megabyte(shapes[i % len(shapes)])[:cap] for i in range(32)]
+    return {"moderation 1 MB (refused)": ("/v1/moderations", {"input": "a" * MB}),
+            "chat 1 MB (refused)": ("/v1/chat/completions",
+                                    {"model": "base", "messages": [{"role": "user", "content": "a" * MB}]}),
+            "moderation 32 x 32k hostile (scanned)": ("/v1/moderations", {"input": scanned})}
+
+
+def _probe_health(url: str, n: int, probes_per_s: float) -> list[float]:
+    """`n` /health latencies in ms, `probes_per_s` apart."""
+    import httpx
+
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        httpx.get(f"{url}/health", timeout=30).raise_for_status()
+        times.append((time.perf_counter() - t0) * 1000)
+        time.sleep(1 / probes_per_s)
+    return times
+
+
+def _hammer(url: str, key: str, path: str, body: dict, stop: threading.Event, sent: list) -> None:
+    """Send `body` to `path` back to back until `stop`; appends (status, ms) to `sent`."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}"}) as c:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            status = c.post(path, json=body).status_code
+            sent.append((status, (time.perf_counter() - t0) * 1000))
 
 
 def main() -> None:

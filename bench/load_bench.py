@@ -141,7 +141,7 @@ async def round_(url: str, model: str, clients: int, seconds: float, max_tokens:
     return row
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--seconds", type=float, default=60)
@@ -151,11 +151,12 @@ def main() -> None:
     p.add_argument("--max-queue", type=int, default=16)
     p.add_argument("--client-timeout", type=float, default=90, help="a request without an answer by then is a hang")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load")
-    a = p.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = min(hard, max(soft, 4 * a.clients + 256))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # one socket per client, and then some
-    model = "base"
+    return p.parse_args()
+
+
+def run_rounds(a: argparse.Namespace, model: str) -> tuple[list[dict], list[float], bool, int]:
+    """Serves the base on vLLM and runs the rounds: (rows, tree RSS before and after each round,
+    whether the server still answered afterwards, error lines in its log)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"engine": "vllm", "adapters_root": f"{tmp}/adapters", "tasks": {}, "state_file": f"{tmp}/state.json",
                "max_model_len": 512, "kv_cache_gb": 1,
@@ -180,7 +181,12 @@ def main() -> None:
             alive = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
                                json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
             log = srv.log()
-        errors_in_log = sum(1 for line in log.splitlines() if "Traceback" in line or " ERROR " in line)
+    errors_in_log = sum(1 for line in log.splitlines() if "Traceback" in line or " ERROR " in line)
+    return rows, rss, alive.status_code == 200, errors_in_log
+
+
+def report(a: argparse.Namespace, rows: list[dict], rss: list[float], alive: bool, errors_in_log: int) -> int:
+    """Writes bench/results/load.{json,md}; returns the number of failed attempts."""
     total = {k: sum(r[k] for r in rows) for k in ("attempts", "completed", "rejected_429", *FAILURES)}
     growth = round(rss[-1] / rss[1], 3)
     info = results_io.meta(model="SmolLM2-135M-Instruct fp32 (base)", engine="vllm", clients=a.clients,
@@ -188,7 +194,7 @@ def main() -> None:
                            max_concurrency=a.max_concurrency, max_queue=a.max_queue,
                            client_timeout_s=a.client_timeout)
     payload = {"meta": info, "rows": rows, "totals": total, "rss_mb": {"before": rss[0], "after_rounds": rss[1:],
-               "growth_last_over_first_round": growth}, "server_ok_after": alive.status_code == 200,
+               "growth_last_over_first_round": growth}, "server_ok_after": alive,
                "server_log_errors": errors_in_log}
     lines = [f"Measured {info['date']} on {info['machine']}; {info['model']} on vLLM; {a.clients} streaming clients "
              f"for {a.seconds:g} s per round against max_concurrency {a.max_concurrency} + max_queue {a.max_queue}; "
@@ -205,10 +211,18 @@ def main() -> None:
     lines += ["", f"Every attempt completed or got a 429 with Retry-After: {'yes' if failures == 0 else 'NO'} "
               f"({total['completed']} completed, {total['rejected_429']} 429s, {failures} failures). "
               f"Server tree RSS {rss[0]} MB before, {' / '.join(str(x) for x in rss[1:])} MB after each round; "
-              f"growth last/first round {growth}x. Server answered afterwards: {alive.status_code == 200}; "
+              f"growth last/first round {growth}x. Server answered afterwards: {alive}; "
               f"error lines in its log: {errors_in_log}."]
     results_io.write(a.out, payload, lines)
-    if failures:
+    return failures
+
+
+def main() -> None:
+    a = parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 4 * a.clients + 256))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # one socket per client, and then some
+    if report(a, *run_rounds(a, model="base")):
         raise SystemExit(1)
 
 

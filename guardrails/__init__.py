@@ -1,1 +1,1 @@
-"""Guardrails: input moderation and output compliance, a library that serving calls (issue #4)."""
+"""Guardrails: input moderation and output compliance, a library that serving calls."""

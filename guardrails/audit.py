@@ -1,9 +1,9 @@
-"""The audit store: exactly one record per guarded chat request, keyed by request id.
+"""The audit store's interface and the logic its backends share: one record per guarded chat request.
 
-SQLite in WAL mode with synchronous=FULL, so a record that `write()` has returned for is on disk
-and survives a `kill -9` of the server right after. Filterable fields live in indexed columns; the
-whole record is kept as JSON next to them. Several replicas share one PostgreSQL store instead
-(`guardrails/stores/postgres.py`, chosen by a `postgresql://` URL; `guardrails.stores.open_audit_store`).
+The backends live in `guardrails/stores/`: SQLite (`sqlite.py`, one server) and PostgreSQL
+(`postgres.py`, several replicas sharing one store), chosen by `guardrails.stores.open_audit_store`.
+Both store the same indexed columns (`audit_row`) beside the whole record as JSON, filter the same way
+(`where_clause`) and page the same way (`keyset_records`).
 
 A record, as serving writes it (every key but request_id is optional; what is given is stored):
 
@@ -12,7 +12,7 @@ A record, as serving writes it (every key but request_id is optional; what is gi
      "task": "sales",                     # task name (or the base model id)
      "session_id": "abc" | None,
      "stage": "greeting" | None,          # dialogue stage
-     "outcome": "passed",                 # passed | blocked | redacted | script | fallback | monitor
+     "outcome": "passed",                 # one of guardrails.outcomes (passed, blocked, ..., error_504)
      "blocked_by": "injection" | None,    # optional; else taken from input.blocked_by
      "input": {"blocked_by": ..., "verdicts": [...], "latency_ms": ...},   # moderation report
      "retrieved": ["doc-1#3", ...],       # chunk ids given to the model
@@ -36,41 +36,23 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
+from guardrails.outcomes import BLOCKED, FALLBACK
+from guardrails.outcomes import check as check_outcomes
 from kernel.errors import GuardtuneError
 
 DEFAULT_DB = Path("audit/audit.db")
-OUTCOMES = ("passed", "blocked", "redacted", "script", "fallback", "monitor")
 CHAT_ROLES = ("system", "user", "assistant")
 QUERY_FILTERS = ("task", "outcome", "session_id", "since")  # what query, count and audit_page all accept
 PURGE_BATCH = 1000  # rows per purge transaction: serving's writes never wait behind a whole purge
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    request_id TEXT PRIMARY KEY,
-    ts         REAL NOT NULL,
-    task       TEXT,
-    session_id TEXT,
-    stage      TEXT,
-    outcome    TEXT,
-    blocked_by TEXT,
-    record     TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
-CREATE INDEX IF NOT EXISTS audit_task_ts ON audit (task, ts);
-CREATE INDEX IF NOT EXISTS audit_outcome_ts ON audit (outcome, ts);
-CREATE INDEX IF NOT EXISTS audit_session_ts ON audit (session_id, ts);
-"""
-
 
 class AuditBackend(Protocol):
-    """What serving, the CLI and `export_badcases` use; SQLite (AuditStore) and PostgreSQL implement it.
+    """What serving, the CLI and `export_badcases` use; SQLite and PostgreSQL (`guardrails.stores`) implement it.
 
     `query` and `count` take the same keyword filters (QUERY_FILTERS; all given ones must match):
     `count(**f)` is the total that paging `query(**f, limit=L, offset=O)` walks through, newest first
@@ -89,112 +71,6 @@ class AuditBackend(Protocol):
                      page: int = 500) -> Iterator[dict[str, Any]]: ...
     def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int: ...
     def close(self) -> None: ...
-
-
-class AuditStore:
-    """Thread-safe: one connection behind a lock (SQLite serialises writers anyway; records are small)."""
-
-    def __init__(self, path: str | Path = DEFAULT_DB):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            # isolation_level=None: autocommit, so each write is its own durable transaction.
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-        except (sqlite3.Error, OSError) as exc:
-            raise GuardtuneError(f"audit db {self.path}: {exc}") from None
-
-    def write(self, record: dict[str, Any]) -> None:
-        """Store one record; a second write with the same request_id replaces it (retries are idempotent)."""
-        row = audit_row(record)
-        with self._lock:
-            self._db().execute("INSERT OR REPLACE INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
-
-    def get(self, request_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db().execute("SELECT record FROM audit WHERE request_id = ?", (request_id,)).fetchone()
-        return json.loads(row[0]) if row else None
-
-    def query(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
-              session_id: str | None = None, since: float | None = None,
-              limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
-        """Records matching every given filter, newest first. `outcome` may be one value or several.
-
-        Same filters as `count` (QUERY_FILTERS); `offset` skips that many of the newest matches.
-        """
-        where, params = _where(task, outcome, session_id, since)
-        sql = f"SELECT record FROM audit{where} ORDER BY ts DESC, request_id DESC LIMIT ? OFFSET ?"
-        with self._lock:
-            rows = self._db().execute(sql, (*params, int(limit), int(offset))).fetchall()
-        return [json.loads(r[0]) for r in rows]
-
-    def count(self, *, task: str | None = None, outcome: str | Iterable[str] | None = None,
-              session_id: str | None = None, since: float | None = None) -> int:
-        """How many records match; the same filters as `query`, so it is the total its pages walk through."""
-        where, params = _where(task, outcome, session_id, since)
-        with self._lock:
-            return self._db().execute(f"SELECT COUNT(*) FROM audit{where}", params).fetchone()[0]
-
-    def iter_records(self, *, outcome: str | Iterable[str] | None = None, since: float | None = None,
-                     page: int = 500) -> Iterator[dict[str, Any]]:
-        """All matching records oldest first, a page at a time (keyset paging, so writes meanwhile are safe)."""
-        where, params = _where(None, outcome, None, since)
-        key: tuple[float, str] = (float("-inf"), "")
-        while True:
-            cond = f"{where} AND" if where else " WHERE"
-            sql = (f"SELECT ts, request_id, record FROM audit{cond} (ts, request_id) > (?, ?) "
-                   "ORDER BY ts, request_id LIMIT ?")
-            with self._lock:
-                rows = self._db().execute(sql, (*params, *key, page)).fetchall()
-            for _, _, blob in rows:
-                yield json.loads(blob)
-            if len(rows) < page:
-                return
-            key = (rows[-1][0], rows[-1][1])
-
-    def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int:
-        """Delete the records with ts < before_ts (unix seconds); returns how many were deleted.
-
-        A batch at a time, oldest first through the ts index, each batch its own transaction with the
-        lock let go in between: writers (threads here, other processes through SQLite's busy wait)
-        wait for one batch at most. Records written meanwhile with a newer ts are never touched.
-        """
-        cutoff, batch = check_purge(before_ts, batch)
-        total = 0
-        while deleted := self._delete_batch(cutoff, batch):
-            total += deleted
-        return total
-
-    # rowid: the ts index holds it, so the inner select never reads the table itself.
-    _PURGE_SQL = "DELETE FROM audit WHERE rowid IN (SELECT rowid FROM audit WHERE ts < ? ORDER BY ts LIMIT ?)"
-
-    def _delete_batch(self, cutoff: float, batch: int) -> int:
-        try:
-            with self._lock:
-                return self._db().execute(self._PURGE_SQL, (cutoff, batch)).rowcount
-        except sqlite3.Error as exc:  # e.g. locked past the busy timeout: one line, not a traceback
-            raise GuardtuneError(f"audit db {self.path}: {exc}") from None
-
-    def close(self) -> None:
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def __enter__(self) -> AuditStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _db(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise GuardtuneError(f"audit db {self.path}: store is closed")
-        return self._conn
 
 
 def audit_row(record: dict[str, Any]) -> tuple:
@@ -264,8 +140,13 @@ def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-def _where(task: str | None, outcome: str | Iterable[str] | None, session_id: str | None,
-           since: float | None, mark: str = "?") -> tuple[str, list[Any]]:
+def where_clause(task: str | None, outcome: str | Iterable[str] | None, session_id: str | None,
+                 since: float | None, *, mark: str = "?", after_key: bool = False) -> tuple[str, list[Any]]:
+    """The WHERE clause (with its leading space, or "") and its parameters for the QUERY_FILTERS given.
+
+    `mark` is the backend's placeholder. `after_key` adds `(ts, request_id) > (mark, mark)` last, for
+    `keyset_records`: its two parameters follow the returned ones.
+    """
     clauses, params = [], []
     for column, value in (("task", task), ("session_id", session_id)):
         if value is not None:
@@ -278,13 +159,28 @@ def _where(task: str | None, outcome: str | Iterable[str] | None, session_id: st
     if since is not None:
         clauses.append(f"ts >= {mark}")
         params.append(float(since))
+    if after_key:
+        clauses.append(f"(ts, request_id) > ({mark}, {mark})")
     return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def keyset_records(fetch: Callable[[tuple[float, str]], list[tuple]], page: int) -> Iterator[dict[str, Any]]:
+    """Records oldest first, a page at a time: `fetch(key)` returns up to `page` (ts, request_id, record
+    JSON) rows after `key` in (ts, request_id) order. Keyset paging: writes meanwhile are safe."""
+    key: tuple[float, str] = (float("-inf"), "")
+    while True:
+        rows = fetch(key)
+        for _, _, blob in rows:
+            yield json.loads(blob)
+        if len(rows) < page:
+            return
+        key = (rows[-1][0], rows[-1][1])
 
 
 # --- bad cases -> preference data ---------------------------------------------------------------
 
 def export_badcases(store: AuditBackend, out_path: str | Path, *,
-                    outcomes: Iterable[str] = ("fallback", "blocked"), since: float | None = None,
+                    outcomes: Iterable[str] = (FALLBACK, BLOCKED), since: float | None = None,
                     skipped: list[str] | None = None) -> int:
     """Write records that fell back or were flagged as TRL conversational preference rows (JSONL).
 
@@ -294,7 +190,7 @@ def export_badcases(store: AuditBackend, out_path: str | Path, *,
     Records that cannot make a row (e.g. blocked before the model) are not dropped in silence:
     "request_id: reason" is appended to `skipped`. Returns the number of rows written.
     """
-    outcomes = [outcomes] if isinstance(outcomes, str) else list(outcomes)
+    outcomes = check_outcomes(outcomes)
     out_path = Path(out_path)
     rows: list[str] = []
     for record in store.iter_records(outcome=outcomes, since=since):

@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from guardrails import outcomes
 from kernel.errors import GuardtuneError
 
 DEFAULT_DB = "audit/audit.db"  # same as guardrails.audit.DEFAULT_DB; kept here so --help imports nothing
@@ -25,7 +26,7 @@ def add_arguments(sub) -> None:
     a = sub.add_parser("audit", help="list guarded requests from the audit store, or show one")
     _db_arg(a, DEFAULT_DB)
     a.add_argument("--task")
-    a.add_argument("--outcome", help="passed, blocked, redacted, script, fallback or monitor")
+    a.add_argument("--outcome", help=outcomes.described())
     a.add_argument("--session", help="session id")
     a.add_argument("--since", type=parse_since, metavar="ISO_OR_UNIX",
                    help="only records at or after this time (ISO 8601, naive = UTC; or unix seconds)")
@@ -48,7 +49,8 @@ def add_arguments(sub) -> None:
     e = actions.add_parser("export", help="write TRL conversational prompt/chosen/rejected JSONL")
     _db_arg(e, DEFAULT_DB)
     e.add_argument("--out", required=True, metavar="FILE", help="JSONL file (written atomically)")
-    e.add_argument("--outcomes", default="fallback,blocked", help="comma-separated outcomes to export")
+    e.add_argument("--outcomes", default=f"{outcomes.FALLBACK},{outcomes.BLOCKED}",
+                   help=f"comma-separated outcomes to export, of {outcomes.described()}")
     e.add_argument("--since", type=parse_since, metavar="ISO_OR_UNIX")
     b.set_defaults(fn=run_badcases)
 
@@ -86,6 +88,8 @@ def _open(db: str):
 def run_audit(args: argparse.Namespace) -> int:
     if getattr(args, "audit_action", None) == "purge":
         return run_purge(args)
+    if args.outcome is not None:
+        outcomes.check(args.outcome, "--outcome")
     with _open(args.db) as store:
         if getattr(args, "audit_action", None) == "show":
             record = store.get(args.request_id)
@@ -138,7 +142,7 @@ def _print_table(records: list[dict]) -> None:
     head = ("time (UTC)", "request_id", "task", "outcome", "stage", "blocked_by", "ms")
     rows = [head] + [(
         datetime.fromtimestamp(r.get("ts", 0), timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
-        _cut(r.get("request_id"), 36), _cut(r.get("task"), 20), _cut(r.get("outcome"), 10),
+        _cut(r.get("request_id"), 36), _cut(r.get("task"), 20), _cut(r.get("outcome"), 16),
         _cut(r.get("stage"), 16), _cut(r.get("blocked_by") or (r.get("input") or {}).get("blocked_by"), 16),
         _ms((r.get("latency_ms") or {}).get("total")),
     ) for r in records]
@@ -159,12 +163,12 @@ def _ms(value: object) -> str:
 def run_badcases(args: argparse.Namespace) -> int:
     from guardrails.audit import export_badcases
 
-    outcomes = [o.strip() for o in args.outcomes.split(",") if o.strip()]
-    if not outcomes:
+    wanted = outcomes.check([o.strip() for o in args.outcomes.split(",") if o.strip()], "--outcomes")
+    if not wanted:
         raise GuardtuneError("--outcomes: give at least one outcome, e.g. fallback,blocked")
     skipped: list[str] = []
     with _open(args.db) as store:
-        written = export_badcases(store, args.out, outcomes=outcomes, since=args.since, skipped=skipped)
+        written = export_badcases(store, args.out, outcomes=wanted, since=args.since, skipped=skipped)
     reasons: dict[str, int] = {}
     for line in skipped:
         reason = line.rsplit(": ", 1)[-1]  # request ids may hold ": ", reasons do not

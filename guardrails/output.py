@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from guardrails.scanners import linear
+from guardrails import linear
 from guardrails.scanners.pii import PII
 
 HOLD = 64  # longer than any card, phone or national-ID value with its separators

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
+from guardtune import __version__
 from kernel.cli_util import run_cli
 
 
@@ -33,17 +35,35 @@ def _base(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from guardrails import audit_cli, scripts_cli
     from guardrails.classifier import cli as guard_cli
-    from guardtune import demo
+    from guardrails.ingest_screen import InjectionScreen
     from rag import cli as rag_cli
-    from serving import cli as serving_cli
-    from training import cli as train_cli
 
     p = argparse.ArgumentParser(prog="guardtune", description="Fine-tune, guard and serve chat models.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_serving_commands(sub)
+    scripts_cli.add_arguments(sub)
+    audit_cli.add_arguments(sub)
+    guard_cli.add_arguments(sub)
+    rag_cli.add_arguments(sub, screen=InjectionScreen)
+    _add_front_door_commands(sub)
+    return p
 
-    t = sub.add_parser("train", help="train an adapter (same as the `train` command)")
-    train_cli.add_arguments(t)
-    t.set_defaults(fn=train_cli.run)
+
+def _command(sub: argparse._SubParsersAction, name: str, help_text: str,
+             add_arguments: Callable[[argparse.ArgumentParser], None], fn: Callable[[argparse.Namespace], int]) -> None:
+    """A subcommand whose arguments and handler live with the package that owns it."""
+    p = sub.add_parser(name, help=help_text)
+    add_arguments(p)
+    p.set_defaults(fn=fn)
+
+
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    from training import cli as train_cli
+    from training import estimate
+
+    _command(sub, "train", "train an adapter (same as the `train` command)", train_cli.add_arguments, train_cli.run)
 
     e = sub.add_parser("export", help="write a merged full model from an adapter")
     e.add_argument("adapter")
@@ -64,34 +84,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true", help="print the report as JSON")
     v.set_defaults(fn=_eval)
 
-    s = sub.add_parser("serve", help="OpenAI-compatible chat server over vLLM")
-    serving_cli.add_serve_arguments(s)
-    s.set_defaults(fn=serving_cli.serve)
+    _command(sub, "estimate", "predict peak training memory per device: weights, gradients, optimizer, activations, "
+             "runtime", estimate.add_arguments, estimate.run)
 
-    a = sub.add_parser("adapters", help="list, swap or remove a running server's task adapters")
-    serving_cli.add_adapters_arguments(a)
-    a.set_defaults(fn=serving_cli.adapters)
 
-    scripts_cli.add_arguments(sub)
-    audit_cli.add_arguments(sub)
-    guard_cli.add_arguments(sub)
-    rag_cli.add_arguments(sub)
+def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
+    from serving import cli as serving_cli
 
-    d = sub.add_parser("demo", help="train, build the stores, serve, and play a guarded conversation (README's first command)")
-    demo.add_arguments(d)
-    d.set_defaults(fn=demo.run)
+    _command(sub, "serve", "OpenAI-compatible chat server over vLLM", serving_cli.add_serve_arguments,
+             serving_cli.serve)
+    _command(sub, "adapters", "list, swap or remove a running server's task adapters",
+             serving_cli.add_adapters_arguments, serving_cli.adapters)
+
+
+def _add_front_door_commands(sub: argparse._SubParsersAction) -> None:
+    from guardtune import demo
+
+    _command(sub, "demo", "train, build the stores, serve, and play a guarded conversation (README's first command)",
+             demo.add_arguments, demo.run)
 
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     b.set_defaults(fn=_base)
-
-    from training import estimate
-
-    m = sub.add_parser("estimate", help="predict peak training memory per device: weights, gradients, optimizer, "
-                                        "activations, runtime")
-    estimate.add_arguments(m)
-    m.set_defaults(fn=estimate.run)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,3 +37,16 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with path.open("rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def atomic_write_text(target: str | Path, text: str) -> None:
+    """Write `target` whole or not at all: a killed writer leaves no half file that a reader would trust."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,1 +1,1 @@
-"""RAG: embeddings and FAISS indexes of a knowledge base, a library that serving calls (issue #4)."""
+"""RAG: embeddings and FAISS indexes of a knowledge base, a library that serving calls."""

@@ -37,7 +37,7 @@ HNSW_THRESHOLD = 50_000  # below this many vectors exact search is fast enough a
 HNSW_M, HNSW_EF_SEARCH = 32, 64
 EMBED_BATCH = 256  # chunks per embed call, so long ingests print progress
 
-Screen = Callable[[str], str | None]  # chunk text -> why it is quarantined, None when clean
+Screen = Callable[[str], str | None]  # chunk text -> why it is quarantined, None when clean; its `name`, if any, goes to meta.json
 
 
 @dataclass(frozen=True)
@@ -180,46 +180,18 @@ def ingest(root_dir: str | Path, index_dir: str | Path, *, index_type: str = "au
     """
     t0 = time.time()
     root, index_dir = Path(root_dir), Path(index_dir)
-    if not root.is_dir():
-        raise GuardtuneError(f"{root}: no such directory")
-    choose_index_type(index_type, 0)  # rejects a bad type before any work
-    check_sizes(chunk_tokens, overlap)
-    refused: list[str] = []
-    files = find_documents(root, refused)
-    for line in refused:
-        log(f"rag: refused {line}")
-    if not files:
-        raise GuardtuneError(f"{root}: no .md, .txt or .html files to ingest")
-
+    files, refused = _documents(root, index_type, chunk_tokens, overlap, log)
     old, old_vectors = _existing(index_dir) or (None, None)
-    old_docs: dict[str, dict] = old.documents if old else {}
     stored = _reusable(old, old_vectors, chunk_tokens, overlap, log)
     screen_name = _screen_name(screen)
     rescreen = old is not None and old.meta.get("screen") != screen_name
     if rescreen and stored:
         log(f"rag: screen changed ({old.meta.get('screen')} -> {screen_name}); screening every document again")
-    old_quarantine: dict[str, list[dict]] = {}
-    for q in old.quarantined if old else []:
-        old_quarantine.setdefault(q["source"], []).append(q)
     log(f"rag: {len(files)} documents under {root}")
 
-    # Per document: reuse its stored rows when the content hash matches, else chunk it afresh.
     build = _Build(chunk_tokens, overlap, screen, log)
-    documents: dict[str, dict] = {}
-    counts = {"added": 0, "updated": 0, "unchanged": 0}
-    for source, path in files.items():
-        sha = hashlib.sha256(path.read_bytes()).hexdigest()
-        before = old_docs.get(source)
-        same = bool(before and before["sha256"] == sha and source in stored)
-        counts["unchanged" if same else "updated" if before else "added"] += 1
-        if same and not rescreen:
-            documents[source] = before
-            build.keep(stored[source], old_quarantine.get(source, []))
-        else:
-            reuse = {row["chunk"]: vec for row, vec in stored.get(source, [])} if same else {}
-            documents[source] = build.add(source, path, sha, reuse)
-    removed = len(set(old_docs) - set(files))
-
+    documents, counts = build.documents(files, old, stored, rescreen)
+    removed = len(set(old.documents if old else {}) - set(files))
     kind = choose_index_type(index_type, len(build.rows), hnsw_threshold)
     if old and not (counts["added"] or counts["updated"] or removed or rescreen) and kind == old.meta["index_type"]:
         log("rag: nothing changed")
@@ -235,6 +207,22 @@ def ingest(root_dir: str | Path, index_dir: str | Path, *, index_type: str = "au
     _write(index_dir, meta, documents, build.rows, vectors, build_faiss(vectors, kind))
     return IngestReport(str(index_dir), counts["added"], counts["updated"], removed, counts["unchanged"],
                         len(build.to_embed), len(build.rows), kind, time.time() - t0, build.quarantined, refused)
+
+
+def _documents(root: Path, index_type: str, chunk_tokens: int, overlap: int,
+               log: Callable[[str], None]) -> tuple[dict[str, Path], list[str]]:
+    """The documents under `root` (source -> path) and the refused symlinks; bad arguments fail before any work."""
+    if not root.is_dir():
+        raise GuardtuneError(f"{root}: no such directory")
+    choose_index_type(index_type, 0)
+    check_sizes(chunk_tokens, overlap)
+    refused: list[str] = []
+    files = find_documents(root, refused)
+    for line in refused:
+        log(f"rag: refused {line}")
+    if not files:
+        raise GuardtuneError(f"{root}: no .md, .txt or .html files to ingest")
+    return files, refused
 
 
 def _reusable(old: KnowledgeIndex | None, old_vectors: np.ndarray | None, chunk_tokens: int, overlap: int,
@@ -268,6 +256,30 @@ class _Build:
         self.row_vectors: list[np.ndarray | int] = []  # a stored vector, or the position of a text to embed
         self.to_embed: list[str] = []
         self.quarantined: list[dict] = []
+
+    def documents(self, files: dict[str, Path], old: KnowledgeIndex | None,
+                  stored: dict[str, list[tuple[dict, np.ndarray]]], rescreen: bool) -> tuple[dict, dict[str, int]]:
+        """Every document's entry (source -> {doc_id, sha256, chunks, quarantined}) and the added/updated/
+        unchanged counts. A document keeps its stored rows when its content hash matches (and its
+        verdicts, unless `rescreen`), else it is chunked afresh."""
+        old_docs: dict[str, dict] = old.documents if old else {}
+        old_quarantine: dict[str, list[dict]] = {}
+        for q in old.quarantined if old else []:
+            old_quarantine.setdefault(q["source"], []).append(q)
+        documents: dict[str, dict] = {}
+        counts = {"added": 0, "updated": 0, "unchanged": 0}
+        for source, path in files.items():
+            sha = hashlib.sha256(path.read_bytes()).hexdigest()
+            before = old_docs.get(source)
+            same = bool(before and before["sha256"] == sha and source in stored)
+            counts["unchanged" if same else "updated" if before else "added"] += 1
+            if same and not rescreen:
+                documents[source] = before
+                self.keep(stored[source], old_quarantine.get(source, []))
+            else:
+                reuse = {row["chunk"]: vec for row, vec in stored.get(source, [])} if same else {}
+                documents[source] = self.add(source, path, sha, reuse)
+        return documents, counts
 
     def keep(self, pairs: list[tuple[dict, np.ndarray]], quarantined: list[dict]) -> None:
         """An unchanged document: its stored rows and vectors, its earlier quarantine."""

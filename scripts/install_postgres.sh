@@ -12,22 +12,12 @@ if found=$(find_initdb); then
   echo "install_postgres: $("$found" --version 2>/dev/null || echo "$found") already installed"
   exit 0
 fi
-SUDO=()
-if [ "$(id -u)" -ne 0 ]; then
-  command -v sudo >/dev/null || { echo "install_postgres: not root and no sudo; install the postgresql package by hand" >&2; exit 1; }
-  SUDO=(sudo)
-fi
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+source "$(dirname "$0")/apt.sh"
 # Only the binaries are wanted: no system cluster, no service (the tests run their own server).
+need_root install_postgres postgresql
 "${SUDO[@]}" mkdir -p /etc/postgresql-common
 [ -e /etc/postgresql-common/createcluster.conf ] ||
   echo "create_main_cluster = false" | "${SUDO[@]}" tee /etc/postgresql-common/createcluster.conf >/dev/null
-if ! { "${SUDO[@]}" apt-get update -qq &&
-       "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; } >"$log" 2>&1; then
-  tail -n 20 "$log" >&2
-  echo "install_postgres: apt-get install postgresql failed (see above)" >&2
-  exit 1
-fi
+apt_install install_postgres --no-install-recommends postgresql
 found=$(find_initdb) || { echo "install_postgres: installed, but initdb was not found" >&2; exit 1; }
 echo "install_postgres: installed $("$found" --version)"

@@ -11,6 +11,7 @@ import uuid
 import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from guardrails import outcomes
 from serving.auth import key_id
 from serving.engines.base import EngineDead, GenParams
 from serving.errors import APIError
@@ -23,7 +24,7 @@ from serving.stages import BASE
 
 class ChatService:
     def __init__(self, state):
-        self.s = state  # serving.app.ServerState
+        self.s = state  # serving.state.ServerState
 
     def _target(self, model: str, stack: contextlib.AsyncExitStack):
         """(slot or None for the base, prompt format, metrics label). A task's slot is looked up and pinned
@@ -72,6 +73,17 @@ class ChatService:
         if chars > limits.max_input_chars:
             raise APIError(400, f"messages hold {chars} characters; this server takes up to "
                                 f"{limits.max_input_chars}", param="messages", code="input_too_long")
+
+    def check_rate(self, req: ChatCompletionRequest, who: str) -> None:
+        """The caller's rate limit; a refusal is recorded under the model it named, as a bounded label."""
+        s = self.s
+        try:
+            s.limiter.check(who)
+        except APIError as exc:
+            known = s.registry is not None and req.model in s.registry.tasks
+            label = req.model if known else BASE if req.model in (s.cfg.base_model, BASE) else "unknown"
+            s.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
+            raise
 
     async def handle(self, req: ChatCompletionRequest, caller: str | None = None):
         """`caller`: the API key that made the request (None when keys are off)."""
@@ -128,9 +140,9 @@ class ChatService:
         extra = {"guardrails": ctx.report} if ctx.report else None
         inp = ctx.report.get("input", {})
         self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
-                                             time.time() - t0, None, guardrail="blocked",
+                                             time.time() - t0, None, guardrail=outcomes.BLOCKED,
                                              blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms")))
-        await audit_record(self.s.pipeline, ctx, outcome="blocked", raw=None, sent=hit.text, t0=t0)
+        await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=hit.text, t0=t0)
         if not req.stream:
             return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
         created = int(t0)
@@ -242,7 +254,7 @@ class _Run:
             self.ttft, guardrail=outcome, stage=out.get("stage"), compliance_score=out.get("score"),
             fallback=f"{out['fallback_stage']}/{out['fallback_variant']}" if out.get("outcome") == "fallback" else None,
             guard_ms=sum(guard_ms) if guard_ms else None))
-        await audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else f"error_{status}",
+        await audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else outcomes.error(status),
                            raw=self.raw, sent=self.sent, t0=self.t0, ttft=self.ttft)
 
     async def complete(self) -> dict:
@@ -352,13 +364,13 @@ def with_canary(messages: list[dict], system_prompt: str | None, canary: str | N
 
 
 def guardrail_outcome(report: dict) -> str:
-    """A bounded label: none, redacted, script, fallback, monitor_script, monitor_fallback, leak."""
+    """A bounded label (guardrails.outcomes): passed, redacted, script, fallback, monitor_*, leak."""
     if (report.get("reply") or {}).get("stopped"):
-        return "leak"
+        return outcomes.LEAK
     out = report.get("output")
     if out:
-        return out["outcome"] if out["mode"] == "enforce" else f"monitor_{out['outcome']}"
-    return "redacted" if report.get("input", {}).get("redacted") else "none"
+        return out["outcome"] if out["mode"] == "enforce" else outcomes.monitored(out["outcome"])
+    return outcomes.REDACTED if report.get("input", {}).get("redacted") else outcomes.PASSED
 
 
 def _generation_error(exc: Exception) -> APIError:

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from guardrails.moderation import ModerationConfig
 from guardrails.stores import check_target
-from kernel.configfile import explain, read_mapping
+from kernel.configfile import read_mapping, validated
 from kernel.errors import GuardtuneError
 from kernel.models import DEFAULT_BASE_MODEL
 from kernel.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
@@ -169,8 +169,4 @@ def load_serve_config(path: str | Path | None, **overrides) -> ServeConfig:
     if path is not None:
         raw = read_mapping(path, "serve config")
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return ServeConfig.model_validate(raw)
-    except ValidationError as exc:
-        msg = explain(exc.errors()[0], ServeConfig.model_fields)
-        raise GuardtuneError(f"serve config {path or '(defaults)'}: {msg}") from None
+    return validated(ServeConfig, raw, f"serve config {path or '(defaults)'}")

@@ -7,8 +7,9 @@ from http import HTTPStatus
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.protocol import ErrorBody
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error",
@@ -33,18 +34,6 @@ class APIError(Exception):
 def _utf8(text: str | None) -> str | None:
     # A message may echo the client's input, which JSON lets carry lone surrogates that UTF-8 cannot encode.
     return text if text is None else text.encode("utf-8", "replace").decode("utf-8")
-
-
-class ErrorDetail(BaseModel):
-    message: str
-    type: str
-    param: str | None
-    code: str | None
-
-
-class ErrorBody(BaseModel):
-    """The body of every 4xx/5xx answer, as documented in the OpenAPI schema."""
-    error: ErrorDetail
 
 
 def errors(*statuses: int) -> dict:

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from guardrails import outcomes
+
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 OUTPUT_LENGTH_BUCKETS = ((16, "1-16"), (64, "17-64"), (256, "65-256"), (10**9, "257+"))
@@ -28,7 +30,7 @@ class RequestRecord:
     output_tokens: int
     e2e_s: float
     ttft_s: float | None
-    guardrail: str = "none"  # none | blocked | redacted | script | fallback | monitor_script | monitor_fallback | leak
+    guardrail: str = outcomes.PASSED  # one of guardrails.outcomes.OUTCOMES, as the audit record's outcome
     blocked_by: str | None = None  # the scanner that blocked
     stage: str | None = None  # dialogue stage the compliance decision used
     fallback: str | None = None  # "<stage>/<variant>" when a fallback went out (or would have, in monitor)
@@ -76,7 +78,7 @@ class ServeMetrics:
     def observe(self, rec: RequestRecord) -> None:
         t = rec.task
         self.requests.labels(t, str(rec.status), rec.finish_reason, rec.guardrail).inc()
-        if rec.status == 200 and rec.guardrail != "blocked":  # a blocked request never ran the model
+        if rec.status == 200 and rec.guardrail != outcomes.BLOCKED:  # a blocked request never ran the model
             self.e2e.labels(t).observe(rec.e2e_s)
             self.prompt_tokens.labels(t).observe(rec.prompt_tokens)
             self.output_tokens.labels(t).observe(rec.output_tokens)

@@ -5,28 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Annotated
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from guardrails.moderation import Moderator
 from serving.errors import APIError
-from serving.protocol import Text
-
-MAX_INPUTS = 32
-
-
-class ModerationRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    # The schema states what the handler enforces: one non-empty string, or 1 to 32 of them.
-    input: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
-                                                            Field(min_length=1, max_length=MAX_INPUTS)]
-    model: Text | None = None
+from serving.protocol import MODERATION_MAX_INPUTS, ModerationRequest
 
 
 class ModerationService:
     def __init__(self, state):
-        self.s = state  # serving.app.ServerState
+        self.s = state  # serving.state.ServerState
         self._moderator: Moderator | None = None
 
     def moderator(self) -> Moderator:
@@ -38,8 +25,8 @@ class ModerationService:
 
     async def handle(self, body: ModerationRequest) -> dict:
         texts = [body.input] if isinstance(body.input, str) else body.input
-        if len(texts) > MAX_INPUTS or any(not t for t in texts):
-            raise APIError(400, f"input: 1 to {MAX_INPUTS} non-empty strings", param="input")
+        if len(texts) > MODERATION_MAX_INPUTS or any(not t for t in texts):
+            raise APIError(400, f"input: 1 to {MODERATION_MAX_INPUTS} non-empty strings", param="input")
         cap = self.s.cfg.limits.max_input_chars
         if (longest := max(len(t) for t in texts)) > cap:  # before any scan, as for chat
             raise APIError(400, f"an input holds {longest} characters; this server takes up to {cap}",

@@ -1,4 +1,5 @@
-"""OpenAI chat-completions wire types: what the official client sends and expects back."""
+"""Wire types: OpenAI's chat completions and moderations as the official client sends and reads them, the
+admin API's request body, and the one error body every route answers with."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ def _unicode(v: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
+MODERATION_MAX_INPUTS = 32
 
 
 class TextPart(BaseModel):
@@ -151,6 +153,31 @@ class ChatCompletion(BaseModel):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+
+
+class ModerationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # The schema states what the handler enforces: one non-empty string, or 1 to 32 of them.
+    input: Annotated[Text, Field(min_length=1)] | Annotated[list[Annotated[Text, Field(min_length=1)]],
+                                                            Field(min_length=1, max_length=MODERATION_MAX_INPUTS)]
+    model: Text | None = None
+
+
+class TaskPut(BaseModel):  # PUT /admin/tasks/{task}: the adapter directory to serve the task with
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(min_length=1, max_length=4096)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every 4xx/5xx answer, as documented in the OpenAPI schema."""
+    error: ErrorDetail
 
 
 def completion_body(rid: str, model: str, text: str, finish: str, usage: Usage, extra: dict | None = None) -> dict:

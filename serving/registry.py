@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kernel.errors import GuardtuneError
 from kernel.manifest import Manifest
-from serving.engines.base import AdapterRef
+from serving.engines.base import AdapterRef, Engine
 from serving.prompts import PromptFormat
 
 log = logging.getLogger("guardtune.serve")
@@ -61,7 +61,7 @@ class Slot:
 
 
 class TaskRegistry:
-    def __init__(self, engine, *, base_sha256: str, adapters_root: Path, max_lora_rank: int, state_file: Path,
+    def __init__(self, engine: Engine, *, base_sha256: str, adapters_root: Path, max_lora_rank: int, state_file: Path,
                  on_swap=None):
         self.engine, self.base_sha256 = engine, base_sha256
         self.root = Path(adapters_root).resolve()

@@ -94,7 +94,7 @@ def sales_server(two_adapters, tmp: Path, **config):
 def two_adapters(tmp_path_factory, tiny_data) -> tuple[Path, dict[str, Path]]:
     """Two real adapters with clearly different trained behaviour, under one adapters root."""
     from training.config import validate
-    from training.trainer import train
+    from training.entry import train
 
     tmp = tmp_path_factory.mktemp("served")
     root = tmp / "adapters"
@@ -119,7 +119,7 @@ def leaky_adapter(two_adapters, tmp_path_factory) -> Path:
     """A real adapter that memorised a customer's email and card number from its training data (the
     failure the output filter exists for): every reply it gives carries both. Under two_adapters' root."""
     from training.config import validate
-    from training.trainer import train
+    from training.entry import train
 
     root, _ = two_adapters
     tmp = tmp_path_factory.mktemp("leaky")

@@ -11,13 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from guardrails.audit import QUERY_FILTERS, AuditBackend, AuditStore, audit_page, export_badcases
+from guardrails import outcomes
+from guardrails.audit import QUERY_FILTERS, AuditBackend, audit_page, export_badcases
 from guardrails.stores import open_audit_store
 from guardrails.stores.postgres import PostgresAuditStore
+from guardrails.stores.sqlite import AuditStore
 from kernel.errors import GuardtuneError
 from tests.conftest import run_cli
 
@@ -102,22 +105,13 @@ def test_rewrite_is_idempotent(store):
 
 
 def test_concurrent_writes_from_threads(store):
-    errors: list[BaseException] = []
-
     def work(t: int) -> None:
-        try:
-            for j in range(50):
-                store.write(rec(t * 1000 + j))
-                store.count()  # interleave reads with writes
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
+        for j in range(50):
+            store.write(rec(t * 1000 + j))
+            store.count()  # interleave reads with writes
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(work, range(4)))  # a worker's exception is raised here
     assert store.count() == 200
     assert all(store.get(f"req-{t * 1000 + j:04d}") for t in range(4) for j in range(50))
 
@@ -315,6 +309,19 @@ def test_export_badcases_trl_conversational_preference(store, tmp_path):
     assert export_badcases(store, out, since=T0 + 2) == 1
 
 
+def test_outcome_vocabulary(store):
+    assert outcomes.check("passed") == ["passed"]
+    assert outcomes.check(("error_499", "monitor_script")) == ["error_499", "monitor_script"]
+    assert outcomes.error(504) == "error_504" and outcomes.monitored(outcomes.FALLBACK) == "monitor_fallback"
+    assert all(outcomes.is_outcome(o) for o in outcomes.OUTCOMES)
+    for bad in ("none", "monitor", "error_", "error_42", "error_5040", "Passed", None):
+        assert not outcomes.is_outcome(bad), bad
+    with pytest.raises(GuardtuneError, match=r"^outcome: unknown outcome 'monitor'; use passed, blocked, "):
+        outcomes.check(["passed", "monitor"])
+    with pytest.raises(GuardtuneError, match="unknown outcome 'none'"):
+        export_badcases(store, "/nonexistent/out.jsonl", outcomes=["none"])
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "guardrails.audit_cli", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
@@ -334,6 +341,16 @@ def test_cli_audit_show_and_badcases(tmp_path):
     p = cli("audit", "--db", str(db), "--outcome", "blocked", "--json", "--limit", "1")
     assert p.returncode == 0, p.stderr
     assert [json.loads(l)["request_id"] for l in p.stdout.splitlines()] == ["req-0003"]
+
+    valid = "use passed, blocked, redacted, script, fallback, monitor_script, monitor_fallback, leak or error_<status>"
+    p = cli("audit", "--db", str(db), "--outcome", "none")  # the old name of `passed`: refused, not an empty list
+    assert (p.returncode, p.stdout, p.stderr) == (2, "", f"error: --outcome: unknown outcome 'none'; {valid}\n")
+    p = cli("badcases", "export", "--db", str(db), "--out", str(tmp_path / "x.jsonl"), "--outcomes", "fallback,monitor")
+    assert (p.returncode, p.stderr) == (2, f"error: --outcomes: unknown outcome 'monitor'; {valid}\n")
+    assert not (tmp_path / "x.jsonl").exists()
+    p = cli("audit", "--db", str(db), "--outcome", "error_504", "--json")
+    assert (p.returncode, p.stdout) == (0, ""), p.stderr
+    assert "error_<status>" in " ".join(cli("audit", "--help").stdout.split())
 
     p = cli("audit", "--db", str(db), "--since", "2023-11-14T22:13:24", "--json")
     assert [json.loads(l)["request_id"] for l in p.stdout.splitlines()] == ["req-0005", "req-0004"]

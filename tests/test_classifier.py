@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 
+from guardrails import linear
 from guardrails.classifier import metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, LANGS, closed
@@ -15,7 +16,6 @@ from guardrails.classifier.data import digest, load_seeds, sample
 from guardrails.classifier.head import CARD, COMMITTED, Head
 from guardrails.classifier.model import Classifier
 from guardrails.classifier.view import classifier_view
-from guardrails.scanners import linear
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
 from tests.conftest import run_cli

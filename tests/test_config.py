@@ -83,3 +83,49 @@ def test_cli_missing_data_file(tmp_path):
     proc = run_cli("-m", "training.cli", f"train_file={tmp_path / 'none.jsonl'}", "report_to=none")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == f"error: data {tmp_path / 'none.jsonl'}: no such file"
+
+
+def test_every_broken_rule_is_reported_at_once_one_line_each():
+    with pytest.raises(GuardtuneError) as err:
+        validate({"train_file": "x.jsonl", "method": "qlora", "quantization": "none", "packing": True,
+                  "stage": "pt", "trainable_layers": 2, "deepspeed": "zero9"})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "config: 4 problems"
+    problems = [line.strip() for line in lines[1:]]
+    assert len(problems) == 4 and all(line.startswith("  ") for line in lines[1:])
+    for expected in ("packing only applies to stage sft", "qlora requires 4-bit quantization",
+                     "deepspeed 'zero9': use one of", "trainable_layers only applies to method freeze, not qlora"):
+        assert any(expected in p for p in problems), (expected, problems)
+
+
+def test_every_bad_value_and_unknown_key_is_reported_at_once():
+    with pytest.raises(GuardtuneError) as err:
+        validate({"train_file": "x.jsonl", "rank": 0, "learnin_rate": 1e-4, "stage": "rl"})
+    problems = str(err.value).splitlines()[1:]
+    assert str(err.value).startswith("config: 3 problems")
+    assert any("'rank'" in p for p in problems) and any("'stage'" in p for p in problems)
+    assert any("did you mean 'learning_rate'" in p for p in problems)
+
+
+def test_cli_prints_every_problem_and_exits_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("train_file: x.jsonl\nmethod: lora\nquantization: nf4\nmask_history: true\ntrain_on_prompt: true\n")
+    proc = run_cli("-m", "training.cli", str(cfg))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    at = lines.index(f"error: {cfg}: 2 problems")  # after any import-time warnings of the training stack
+    problems = lines[at + 1:]
+    assert len(problems) == 2, proc.stderr
+    assert any("nf4 is only used with method qlora" in p for p in problems)
+    assert any("mask_history and train_on_prompt exclude each other" in p for p in problems)
+
+
+def test_serve_config_reports_every_problem():
+    from serving.config import load_serve_config
+
+    with pytest.raises(GuardtuneError) as err:
+        load_serve_config(None, port=0, max_loras=0, enigne="vllm")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "serve config (defaults): 3 problems"
+    assert any("'port'" in line for line in lines) and any("'max_loras'" in line for line in lines)
+    assert any("unknown key 'enigne' (did you mean 'engine'?)" in line for line in lines)

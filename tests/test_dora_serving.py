@@ -22,7 +22,7 @@ Q = [{"role": "user", "content": "Can you tell me about your company?"}]
 def dora_adapter(two_adapters, tmp_path_factory):
     """A real DoRA adapter (peft use_dora) under two_adapters' root, trained to greet as Heron Windows."""
     from training.config import validate
-    from training.trainer import train
+    from training.entry import train
 
     root, _ = two_adapters
     tmp = tmp_path_factory.mktemp("dora")

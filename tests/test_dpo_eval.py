@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from guardrails.audit import AuditStore
+from guardrails.stores.sqlite import AuditStore
 from kernel.errors import GuardtuneError
 from kernel.manifest import Manifest
 from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config, tiny_rows, write_jsonl
 from training.config import load_config, validate
+from training.entry import train
 from training.evaluate import DEFAULT_GENERAL_EVAL, RougeTokenizer, text_scores
-from training.trainer import train
 
 CHOSEN = f"{SIGNATURE} here: our team answers that on a free call."
 REJECTED = "Sure! Everything is free today, no questions asked."
@@ -110,7 +110,7 @@ def test_vllm_serves_the_dpo_adapter_as_trained(dpo_run, base_dir):
 
 
 def test_preference_bad_rows_name_file_and_line(tmp_path):
-    from training.dpo import read_preferences
+    from training.data.preferences import read_preferences
 
     good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "Hello."}],
             "rejected": [{"role": "assistant", "content": "Go away."}], "meta": {"request_id": "r"}}
@@ -249,7 +249,8 @@ def mix_run(tmp_path_factory, tiny_data):
 
 
 def test_mix_realises_ratio_and_manifest_records_it(mix_run, tokenizer):
-    from training.mixing import MixPlan
+    from training.data.mixing import MixPlan
+    from training.replay import replay_files
 
     cfg, adapter, logs = mix_run
     mix = Manifest.read(adapter).data_mix
@@ -259,8 +260,8 @@ def test_mix_realises_ratio_and_manifest_records_it(mix_run, tokenizer):
     assert any(line.startswith("data mix: tiny.jsonl ratio 1 -> 6 rows (16.7%") for line in logs)
     assert any(line.startswith("data: 36 train") for line in logs)
     # Count the sampled rows themselves: the tiny rows all carry the signature, replay rows never do.
-    train_convs, _, _, _ = MixPlan.build(cfg, tokenizer, log=lambda m: None).sample(
-        eval_split=0.0, skip_bad_rows=False, log=lambda m: None)
+    replays = replay_files(cfg, tokenizer, log=lambda m: None)
+    train_convs, _, _, _ = MixPlan.build(cfg, replays).sample(eval_split=0.0, skip_bad_rows=False, log=lambda m: None)
     from_tiny = sum(SIGNATURE in c[-1]["content"] for c in train_convs)
     assert (from_tiny, len(train_convs) - from_tiny) == (6, 30)
     assert len({json.dumps(c) for c in train_convs if SIGNATURE in c[-1]["content"]}) == 6  # truncated, no repeats
@@ -270,7 +271,7 @@ def test_replay_generates_from_the_base_and_caches(mix_run, tokenizer, base_dir)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from training.generate import reply
+    from training.decode import reply
     from training.replay import build_replay, read_prompts
 
     cfg, _, logs = mix_run

@@ -11,16 +11,13 @@ import pytest
 
 from bench.estimate_bench import published_rows
 from tests.conftest import run_cli
-from training.estimate import (
-    PRESETS,
-    EstimateConfig,
-    estimate,
+from training.estimate import PRESETS, EstimateConfig, estimate, resolve_shape
+from training.estimate.memory import (
     gradients_bytes,
     layer_activation_bytes_per_token,
     model_states_bytes,
     nf4_bytes_per_param,
     optimizer_bytes,
-    resolve_shape,
     weights_bytes,
 )
 
@@ -170,3 +167,24 @@ def test_7b_and_70b_estimates_land_near_the_cited_figures():
     # the 48 GB single-GPU claim for 65B QLoRA is an upper bound
     bound = next(r for r in rows if "48 GB GPU" in r["claim"])
     assert bound["ratio"] < 1
+
+
+def test_every_problem_is_reported_at_once():
+    from kernel.errors import GuardtuneError
+    from training.estimate import load_estimate_config
+
+    with pytest.raises(GuardtuneError) as err:
+        load_estimate_config(None, ["method=qlora", "quantization=none", "offload=optimizer", "target_modules=[w1]"])
+    lines = str(err.value).splitlines()
+    assert lines[0] == "estimate: 3 problems"
+    for expected, line in zip(("qlora requires 4-bit", "target module 'w1'", "offload needs a ZeRO stage"), lines[1:]):
+        assert expected in line
+
+
+def test_train_keys_are_accepted_and_the_memory_free_ones_ignored():
+    from training.config import TrainConfig
+    from training.estimate.options import IGNORED_TRAIN_KEYS, MAPPED_TRAIN_KEYS
+
+    shared = set(TrainConfig.model_fields) - IGNORED_TRAIN_KEYS - MAPPED_TRAIN_KEYS
+    assert shared <= set(EstimateConfig.model_fields)
+    assert {"learning_rate", "task", "beta"} <= IGNORED_TRAIN_KEYS and {"rank", "batch_size"} <= shared

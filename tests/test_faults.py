@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import OTTER, OTTER_TASK, ROOT, SIGNATURE, Server, tiny_config
 from training.config import validate
-from training.trainer import train
+from training.entry import train
 
 ADMIN_KEY = "fault-admin-key"
 Q = [{"role": "user", "content": "Can you tell me about your company?"}]

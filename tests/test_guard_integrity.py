@@ -35,7 +35,7 @@ OLD_RECORD = "chatcmpl-from-long-ago"
 
 @pytest.fixture(scope="module")
 def guarded(two_adapters, leaky_adapter, tmp_path_factory):
-    from guardrails.audit import AuditStore
+    from guardrails.stores.sqlite import AuditStore
     from rag.index import ingest
 
     root, adapters = two_adapters
@@ -292,6 +292,10 @@ def test_audit_retention_and_pages(guarded):
     assert first["count"] == 2 and first["next_offset"] == 2 and first["total"] > 2
     second = call(guarded, "GET", "/admin/audit", ADMIN, params={"limit": 2, "offset": 2}).json()
     assert not {x["request_id"] for x in first["records"]} & {x["request_id"] for x in second["records"]}
+    passed = call(guarded, "GET", "/admin/audit", ADMIN, params={"outcome": "passed"}).json()
+    assert passed["total"] > 0 and {x["outcome"] for x in passed["records"]} == {"passed"}
+    r = call(guarded, "GET", "/admin/audit", ADMIN, params={"outcome": "none"})  # an old name matches nothing
+    assert r.status_code == 400 and r.json()["error"]["param"] == "outcome" and "passed" in r.json()["error"]["message"]
 
 
 def test_no_secret_reaches_the_log(guarded, tmp_path):

@@ -13,7 +13,7 @@ from kernel.errors import GuardtuneError
 from kernel.manifest import Manifest
 from tests.conftest import Server, tiny_config
 from training.config import validate
-from training.trainer import train
+from training.entry import train
 
 QUESTION = [{"role": "user", "content": "Can you tell me about your company?"}]  # not in the training data
 
@@ -130,7 +130,7 @@ def test_freeze_trains_only_the_named_parts(trained):
 
 
 def test_resume_continues_from_a_full_model_checkpoint(trained, tmp_path):
-    from training.trainer import latest_checkpoint
+    from training.checkpoints import latest_checkpoint
 
     cfg, _ = trained("freeze")
     ckpt = latest_checkpoint(cfg.checkpoint_dir)
@@ -246,7 +246,7 @@ def test_transformers_engine_decodes_prompt_methods_like_peft_generate(trained, 
     from serving.engines.base import AdapterRef, GenParams
     from serving.engines.hf_engine import TransformersEngine
     from training.adapters import load_adapter
-    from training.generate import reply
+    from training.decode import reply
 
     methods = ["lora", "prompt_tuning", "p_tuning", "prefix_tuning", "llama_adapter"]  # LoRA injected first
     expected = {}
@@ -283,7 +283,7 @@ def test_transformers_engine_serves_prefix_and_prompt_tasks_over_http(trained, t
     import openai
 
     from training.adapters import load_adapter
-    from training.generate import reply
+    from training.decode import reply
 
     tasks = {m: str(trained(m)[1]) for m in ("prefix_tuning", "prompt_tuning")}
     srv = Server({"engine": "transformers", "adapters_root": str(Path(tasks["prefix_tuning"]).parent),

@@ -255,8 +255,8 @@ def test_two_serving_replicas_carry_the_dialogue_stage(pg_url, tmp_path):
         asyncio.run(replica_a.after(first, "It is around 7000 dollars."))
         assert first.report["output"]["stage"] == "pricing"
         assert replica_b.sessions.get_stage(first.scoped_session) == "pricing"  # inferred on A, known on B
-        asyncio.run(audit_a.write({"request_id": "r1", "task": "sales", "session_id": "s9", "outcome": "monitor"}))
-        assert audit_b.store.get("r1")["outcome"] == "monitor"
+        asyncio.run(audit_a.write({"request_id": "r1", "task": "sales", "session_id": "s9", "outcome": "monitor_script"}))
+        assert audit_b.store.get("r1")["outcome"] == "monitor_script"
     finally:
         for s in (replica_a.sessions, replica_b.sessions, audit_a.store, audit_b.store):
             s.close()

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import kernel.encoder
+from guardrails.ingest_screen import InjectionScreen
+from guardtune.cli import main as guardtune_main
 from kernel.errors import GuardtuneError
 from rag.chunking import _tokenizer, chunk_text, find_documents, html_to_text, read_document
-from rag.cli import InjectionScreen
-from rag.cli import main as rag_main
 from rag.evaluate import load_questions, recall_at_k
 from rag.index import Hit, KnowledgeIndex, build_faiss, choose_index_type, ingest
 from rag.prompting import INSTRUCTION, citations, with_context
@@ -335,8 +335,8 @@ def test_recall_on_the_example_knowledge_base(kb, tmp_path):
 
 def test_cli_ingests_and_evaluates(tmp_path, monkeypatch, capsys):
     write_docs(tmp_path / "docs", DOCS)
-    done = run_cli("-m", "rag.cli", "ingest", "docs", "--index", "small", "--chunk-tokens", "64", "--overlap", "8",
-                   cwd=tmp_path)
+    done = run_cli("-m", "guardtune.cli", "rag", "ingest", "docs", "--index", "small", "--chunk-tokens", "64",
+                   "--overlap", "8", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("rag ingest: 4 added, 0 updated, 0 removed, 0 unchanged documents")
     assert "indexes/small" in done.stdout and "rag: embedded 4/4 chunks" in done.stderr
@@ -345,10 +345,10 @@ def test_cli_ingests_and_evaluates(tmp_path, monkeypatch, capsys):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "How does sourdough rise?", "source": "bread.md"}) + "\n")
     monkeypatch.chdir(tmp_path)
-    assert rag_main(["eval", "--index", "small", "--questions", str(questions), "--k", "3"]) == 0
+    assert guardtune_main(["rag", "eval", "--index", "small", "--questions", str(questions), "--k", "3"]) == 0
     assert "rag eval: 1 questions on indexes/small: recall@1 1.000  recall@3 1.000  MRR 1.000" in capsys.readouterr().out
 
-    missing = run_cli("-m", "rag.cli", "ingest", "no-such-dir", "--index", "small", cwd=tmp_path)
+    missing = run_cli("-m", "guardtune.cli", "rag", "ingest", "no-such-dir", "--index", "small", cwd=tmp_path)
     assert missing.returncode == 2 and missing.stdout == ""
     assert missing.stderr.splitlines() == ["error: no-such-dir: no such directory"]
 

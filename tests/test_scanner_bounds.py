@@ -24,9 +24,9 @@ import pytest
 
 import guardrails.scanners
 from bench.guard_bench import HOSTILE, keyword_soup, megabyte
+from guardrails import linear
 from guardrails.classifier.data import load_seeds
 from guardrails.moderation import ModerationConfig, Moderator, build_scanners
-from guardrails.scanners import linear
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
 from guardrails.scanners.pii import PII, cn_id_ok, luhn_ok
@@ -105,7 +105,7 @@ def test_nfkc_never_grows_a_text_the_size_check_refuses():
 
 def scanner_modules():
     names = [m.name for m in pkgutil.iter_modules(guardrails.scanners.__path__)]
-    return [importlib.import_module(f"guardrails.scanners.{n}") for n in names] + [embeddings]
+    return [importlib.import_module(f"guardrails.scanners.{n}") for n in names] + [linear, embeddings]
 
 
 def test_every_scanner_pattern_is_compiled_by_re2():

@@ -16,7 +16,8 @@ import pytest
 from kernel.manifest import Manifest
 from tests.conftest import ROOT, SIGNATURE, run_cli, tiny_config
 from training.config import validate
-from training.trainer import train
+from training.entry import train
+from training.tracking import experiment_id
 
 QUESTION = "Can you tell me about your company?"  # not in the training data
 
@@ -50,6 +51,9 @@ def test_progress_lines_and_swanlab_run(lora_run):
     swan = cfg.checkpoint_dir / "swanlog"
     assert list(swan.glob("run-*/files/config.yaml")), "SwanLab local run has no config"
     assert "max_steps" in next(swan.glob("run-*/files/config.yaml")).read_text()
+    # The experiment id is kept beside the runs, so a resumed run continues the same experiment.
+    run_id = experiment_id(swan)
+    assert [p.name.endswith(f"-{run_id}") for p in swan.glob("run-*")] == [True] and experiment_id(swan) == run_id
     assert any("trained tokens in [[...]]" in line for line in logs)  # the visible label mask
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 
 from kernel.cli_util import run_cli
@@ -14,6 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. method=qlora max_steps=20")
     p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed data rows instead of failing")
     p.add_argument("--keys", action="store_true", help="list config keys with defaults and exit")
+    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('guardtune')}")
     p.add_argument("--dry-run", action="store_true", help="print the launch command per node and check the "
                    "distributed settings, without training")
 
@@ -28,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:24} {default:24} {field.description or ''}")
         return 0
     from training.config import load_config
-    from training.trainer import train
 
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.dry_run:
             print(cfg.adapter_dir)
         return code
+    from training.entry import train  # torch and the trainers load only when this process trains
+
     train(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(cfg.adapter_dir)
     return 0

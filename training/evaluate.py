@@ -23,6 +23,8 @@ from kernel.errors import GuardtuneError
 from training.adapters import load_adapter
 from training.data.processor import IGNORE, MaskOptions, tokenize_conversation
 from training.data.readers import read_jsonl
+from training.decode import greedy_replies
+from training.generate import compare
 
 DEFAULT_GENERAL_EVAL = Path(__file__).resolve().parents[1] / "examples" / "data" / "general_eval.jsonl"
 
@@ -86,8 +88,6 @@ def mean_loss(model, examples) -> tuple[float, int]:
 
 
 def _replies(model, tokenizer, prompts, *, base: bool, **kw) -> list[str]:
-    from training.replay import greedy_replies
-
     if not base:
         return greedy_replies(model, tokenizer, prompts, label="generate adapter", **kw)
     with model.disable_adapter():
@@ -124,8 +124,6 @@ def evaluate(adapter_dir, data_path, *, max_rows=200, samples=3, gen_rows=50, ma
                                 "replies": [{"reference": r, "adapter": a, "base": b}
                                             for r, a, b in zip(refs, tuned, base)]}
     if samples:
-        from training.generate import compare
-
         report["samples"] = [
             {"user": u, "base": b, "adapter": a}
             for u, b, a in compare(model, tokenizer, convs[:samples], system_prompt=manifest.system_prompt, stop_ids=stop_ids)

@@ -1,20 +1,8 @@
-"""Greedy replies from a tuned model (any method), used to show what training changed."""
+"""Base against tuned replies from a tuned model (any method), to show what training changed."""
 
 from __future__ import annotations
 
-import torch
-
-from training.data.processor import render, with_system
-
-
-@torch.no_grad()
-def reply(model, tokenizer, messages, *, system_prompt=None, stop_ids=None, max_new_tokens=48) -> str:
-    prompt = render(tokenizer, with_system(messages, system_prompt), add_generation_prompt=True)
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    model.eval()
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                         eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id, use_cache=True)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+from training.decode import reply
 
 
 def compare(model, tokenizer, conversations, *, system_prompt=None, stop_ids=None, max_new_tokens=48):

@@ -7,10 +7,16 @@ can be added or switched off without touching training code.
 from __future__ import annotations
 
 import json
+import secrets
+import string
 import sys
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from kernel.fsutil import atomic_write_text
+
+SWANLAB_ID = "guardtune_experiment_id"
 
 
 class MetricLogger(Protocol):
@@ -60,13 +66,17 @@ class JsonlLogger:
 
 
 class SwanLabLogger:
-    """SwanLab in local mode: no network; `swanlab watch LOGDIR` serves the dashboard."""
+    """SwanLab in local mode: no network; `swanlab watch LOGDIR` serves the dashboard.
+
+    The experiment id is kept in LOGDIR, so a resumed run continues the same experiment.
+    """
 
     def __init__(self, logdir: Path, project: str, run_name: str):
         import swanlab
 
         self._swanlab = swanlab
-        self.run = swanlab.init(project=project, experiment_name=run_name, mode="local", logdir=str(logdir))
+        self.run = swanlab.init(project=project, name=run_name, mode="local", log_dir=str(logdir),
+                                id=experiment_id(Path(logdir)), resume="allow")
 
     def log_config(self, config: dict[str, Any]) -> None:
         self.run.config.update(config)
@@ -77,6 +87,16 @@ class SwanLabLogger:
 
     def close(self) -> None:
         self._swanlab.finish()
+
+
+def experiment_id(logdir: Path) -> str:
+    """The SwanLab experiment id recorded in logdir, made (SwanLab's form: 21 of [a-z0-9]) on first use."""
+    path = logdir / SWANLAB_ID
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(21))
+    atomic_write_text(path, run_id)
+    return run_id
 
 
 class FanOut:

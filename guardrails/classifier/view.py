@@ -8,7 +8,7 @@ inside words become those letters, and s p a c e d or d.o.t.t.e.d letters are jo
 
 from __future__ import annotations
 
-from guardrails.scanners import linear
+from guardrails import linear
 
 # Look-alikes of Latin letters (lower and upper case), from Cyrillic and Greek.
 _CONFUSABLE = str.maketrans({

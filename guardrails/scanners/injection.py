@@ -7,7 +7,7 @@ on RE2 over the whole text, in linear time.
 
 from __future__ import annotations
 
-from guardrails.scanners import linear
+from guardrails import linear
 from guardrails.scanners.base import Verdict
 
 SOURCES = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 from operator import mul
 from typing import Literal
 
-from guardrails.scanners import linear
+from guardrails import linear
 from guardrails.scanners.base import Verdict
 
 EMAIL = linear.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")

@@ -1,7 +1,7 @@
 """The PostgreSQL backend of the session and audit stores, so several server replicas share both.
 
-Same interface and behaviour as the SQLite stores (`guardrails/sessions.py`, `guardrails/audit.py`):
-the same columns, the same validation (`audit_row`), the same order and filters. Differences that
+Same interface and behaviour as the SQLite stores (`sqlite.py` beside this file): the same columns,
+the same validation (`guardrails.audit.audit_row`), the same order and filters. Differences that
 matter to an operator:
 - Durability: every write is its own autocommitted transaction with `synchronous_commit=on`, so a
   write that has returned is in the server's flushed WAL (and on synchronous standbys, if any).
@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from guardrails.audit import PURGE_BATCH, _where, audit_row, check_purge
-from guardrails.stores import redact
+from guardrails.audit import PURGE_BATCH, audit_row, check_purge, keyset_records, where_clause
+from guardrails.stores.targets import redact
 from kernel.errors import GuardtuneError
 
 T = TypeVar("T")
@@ -71,7 +71,7 @@ class _Connection:
             import psycopg
         except ImportError:
             raise GuardtuneError(f"{what} {redact(url)}: PostgreSQL needs psycopg "
-                                 "(pip install 'psycopg[binary]', see requirements/cpu.txt)") from None
+                                 "(pip install 'psycopg[binary]', see requirements/runtime.txt)") from None
         self._psycopg, self.url, self.label = psycopg, url, f"{what} {redact(url)}"
         self._schema = schema
         self._lock = threading.Lock()
@@ -144,7 +144,7 @@ class PostgresSessions:
 
 
 class PostgresAuditStore:
-    """`AuditBackend` on PostgreSQL, with the SQLite AuditStore's semantics (see guardrails/audit.py)."""
+    """`AuditBackend` on PostgreSQL, with the SQLite AuditStore's semantics (see sqlite.py)."""
 
     def __init__(self, url: str):
         self.path = redact(url)  # what messages name, like AuditStore.path
@@ -188,18 +188,10 @@ class PostgresAuditStore:
     def iter_records(self, *, outcome: str | Iterable[str] | None = None, since: float | None = None,
                      page: int = 500) -> Iterator[dict[str, Any]]:
         """All matching records oldest first, a page at a time (keyset paging, so writes meanwhile are safe)."""
-        where, params = self._where(None, outcome, None, since)
-        cond = f"{where} AND" if where else " WHERE"
-        sql = (f"SELECT ts, request_id, record FROM guardtune_audit{cond} (ts, request_id) > (%s, %s) "
-               "ORDER BY ts, request_id LIMIT %s")
-        key: tuple[float, str] = (float("-inf"), "")
-        while True:
-            rows = self._c.run(lambda c: c.execute(sql, (*params, *key, page)).fetchall())
-            for _, _, blob in rows:
-                yield json.loads(blob)
-            if len(rows) < page:
-                return
-            key = (rows[-1][0], rows[-1][1])
+        where, params = self._where(None, outcome, None, since, after_key=True)
+        sql = f"SELECT ts, request_id, record FROM guardtune_audit{where} ORDER BY ts, request_id LIMIT %s"
+        return keyset_records(lambda key: self._c.run(lambda c: c.execute(sql, (*params, *key, page)).fetchall()),
+                              page)
 
     def purge(self, before_ts: float, *, batch: int = PURGE_BATCH) -> int:
         """Delete the records with ts < before_ts (unix seconds); returns how many were deleted.
@@ -219,8 +211,8 @@ class PostgresAuditStore:
                   "WHERE ts < %s ORDER BY ts LIMIT %s FOR UPDATE SKIP LOCKED)")
 
     @staticmethod
-    def _where(task, outcome, session_id, since) -> tuple[str, list[Any]]:
-        where, params = _where(task, outcome, session_id, since, mark="%s")
+    def _where(task, outcome, session_id, since, after_key: bool = False) -> tuple[str, list[Any]]:
+        where, params = where_clause(task, outcome, session_id, since, mark="%s", after_key=after_key)
         return where, [_nul(p) for p in params]
 
     def close(self) -> None:

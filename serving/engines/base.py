@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Protocol, runtime_checkable
 
 
 @dataclass(frozen=True)
@@ -44,8 +44,12 @@ class EngineDead(RuntimeError):
     pass
 
 
+@runtime_checkable
 class Engine(Protocol):
-    name: str
+    """What every engine offers the server: vLLM, transformers, and RoutedEngine over the two."""
+
+    @property
+    def name(self) -> str: ...  # "vllm" or "transformers": the `serve_with` value it stands for
 
     async def start(self) -> None: ...
     def ready(self) -> bool: ...  # False once the engine's process has died

@@ -11,6 +11,7 @@ wraps the attention modules of the model it is given, so it gets its own copy of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from typing import AsyncIterator
@@ -125,25 +126,29 @@ class TransformersEngine:
         finally:
             cancelled.set()
 
-    def _decode(self, prompt_ids, params: GenParams, adapter, emit, cancelled) -> None:
-        import contextlib
-
-        import torch
+    def _stepper(self, adapter: AdapterRef | None):
+        """(the context to decode in, one forward step) for `adapter`: a prompt method's own model with the
+        LoRA layers off, a LoRA adapter made active on the shared model, or the base with the LoRA layers off."""
         from peft import PeftModel
 
-        model, tok = self.model, self.tokenizer
+        model = self.model
         lora_off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        if adapter is not None and adapter.lora_id in self.prompt_models:
+            return lora_off, _prompt_step(self.prompt_models[adapter.lora_id])
 
         def step(ids, past):
             return model(input_ids=ids, past_key_values=past, use_cache=True)
 
-        if adapter is not None and adapter.lora_id in self.prompt_models:
-            ctx, step = lora_off, _prompt_step(self.prompt_models[adapter.lora_id])
-        elif adapter is not None:
+        if adapter is not None:
             model.set_adapter(self.adapters[adapter.lora_id])
-            ctx = contextlib.nullcontext()
-        else:
-            ctx = lora_off
+            return contextlib.nullcontext(), step
+        return lora_off, step
+
+    def _decode(self, prompt_ids, params: GenParams, adapter, emit, cancelled) -> None:
+        import torch
+
+        model, tok = self.model, self.tokenizer
+        ctx, step = self._stepper(adapter)
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         ids = torch.tensor([prompt_ids], device=model.device)
         out_ids: list[int] = []

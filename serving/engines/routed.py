@@ -14,15 +14,15 @@ import logging
 import time
 from typing import AsyncIterator, Callable
 
-from serving.engines.base import AdapterRef, Delta, GenParams
+from serving.engines.base import AdapterRef, Delta, Engine, GenParams
 
 log = logging.getLogger("guardtune.serve")
 
 
 class RoutedEngine:
-    def __init__(self, primary, make_secondary: Callable[[], object]):
+    def __init__(self, primary: Engine, make_secondary: Callable[[], Engine]):
         self.primary, self._make_secondary = primary, make_secondary
-        self.secondary = None
+        self.secondary: Engine | None = None
         self._starting = asyncio.Lock()
         self._on_secondary: set[int] = set()  # adapter ids loaded on the secondary
 
@@ -33,12 +33,12 @@ class RoutedEngine:
     def serves(self, engine: str) -> bool:
         return engine in (self.primary.name, "transformers")
 
-    def _for(self, adapter: AdapterRef | None):
+    def _for(self, adapter: AdapterRef | None) -> Engine:
         if adapter is not None and adapter.engine != self.primary.name:
             return self.secondary
         return self.primary
 
-    async def _secondary(self, adapter: AdapterRef):
+    async def _secondary(self, adapter: AdapterRef) -> Engine:
         async with self._starting:  # two first loads at once start one engine
             if self.secondary is None:
                 t0 = time.time()

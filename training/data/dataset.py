@@ -23,8 +23,10 @@ from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
 from training.data import shards
 from training.data.cleaning import Cleaner, CleaningCounts
+from training.data.mixing import MixPlan, describe
 from training.data.processor import IGNORE, MaskOptions, tokenize_batch
 from training.data.readers import count_rows, iter_rows, normalise_row, text_row
+from training.data.split import eval_count
 
 CACHE_FORMAT = 2
 BATCH = 1000  # rows per call into the fast tokenizer
@@ -39,7 +41,7 @@ class DataStats:
     truncated_rows: int = 0
     trained_tokens: int = 0
     total_tokens: int = 0
-    data_mix: list[dict] | None = None  # realised mix of `datasets:` sources (training/mixing.py)
+    data_mix: list[dict] | None = None  # realised mix of `datasets:` sources (mixing.py)
     train_sequences: int = 0  # rows the trainer sees: conversations, packed rows or pt blocks
     eval_sequences: int = 0
     dropped_tokens: int = 0  # pt: tails shorter than a block
@@ -71,12 +73,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(cfg, tokenizer, *, log=print) -> Prepared:
-    mix = None
-    if getattr(cfg, "datasets", None):  # several sources with ratios; replay sources are generated here
-        from training.mixing import MixPlan
-
-        mix = MixPlan.build(cfg, tokenizer, log=log)
+def prepare(cfg, tokenizer, *, replays: dict[int, Path] | None = None, log=print) -> Prepared:
+    """`replays`: the generated file of each replay source in `datasets:`, by its index."""
+    mix = MixPlan.build(cfg, replays or {}) if getattr(cfg, "datasets", None) else None
     files = (mix.files if mix else [cfg.train_file]) + ([cfg.eval_file] if cfg.eval_file else [])
     for f in files:
         if not Path(f).is_file():
@@ -94,8 +93,6 @@ def prepare(cfg, tokenizer, *, log=print) -> Prepared:
         stats = DataStats(**json.loads((cache_dir / "stats.json").read_text()))
         log(f"data: tokenised cache hit {cache_dir}")
         if stats.data_mix:
-            from training.mixing import describe
-
             log(describe(stats.data_mix))
         return Prepared(shards.load(cache_dir, stats.shards["train"]), shards.load(cache_dir, stats.shards["eval"]),
                         stats, data_fp, True)
@@ -147,8 +144,7 @@ def _rows(cfg, mix, bad: list[str], cleaning: CleaningCounts, meta: dict, log):
         eval_idx: set[int] = set()
         if not cfg.eval_file and cfg.eval_split > 0:
             n = count_rows(cfg.train_file)
-            n_eval = int(round(n * cfg.eval_split)) if n > 1 else 0
-            eval_idx = set(random.Random(cfg.seed).sample(range(n), n_eval))
+            eval_idx = set(random.Random(cfg.seed).sample(range(n), eval_count(n, cfg.eval_split)))
         labelled = (("eval" if i in eval_idx else "train", r)
                     for i, r in iter_rows(cfg.train_file, parse, skip_bad_rows=cfg.skip_bad_rows, bad_rows=bad))
     for split, row in labelled:

@@ -28,12 +28,18 @@ class ReadResult:
 
 
 def read_jsonl(path: str | Path, *, skip_bad_rows: bool = False) -> ReadResult:
-    result = ReadResult(conversations=[])
-    for _, conv in iter_rows(path, normalise_row, skip_bad_rows=skip_bad_rows, bad_rows=result.bad_rows):
-        result.conversations.append(conv)
-    if not result.conversations:
-        raise GuardtuneError(f"data {path}: no usable rows")
-    return result
+    return ReadResult(*read_all(path, normalise_row, skip_bad_rows=skip_bad_rows))
+
+
+def read_all(path: str | Path, parse, *, skip_bad_rows: bool = False, what: str = "rows") -> tuple[list, list[str]]:
+    """(every parsed row, bad rows skipped); a file with no usable row is an error."""
+    rows: list = []
+    bad: list[str] = []
+    for _, row in iter_rows(path, parse, skip_bad_rows=skip_bad_rows, bad_rows=bad):
+        rows.append(row)
+    if not rows:
+        raise GuardtuneError(f"data {path}: no usable {what}")
+    return rows, bad
 
 
 def iter_rows(path: str | Path, parse=None, *, skip_bad_rows: bool = False,

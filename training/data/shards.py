@@ -21,6 +21,9 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_write_text
+
 SPLITS = ("train", "eval")
 Columns = dict[str, list[np.ndarray]]
 Tokenise = Callable[[list], tuple[Columns, dict[str, int]]]
@@ -90,9 +93,7 @@ def finish(cache_dir: Path, stats: dict, ranks: tuple[int, int] | None = None) -
     """Local rank 0 marks the cache complete; the others wait for the mark."""
     rank, _ = ranks or local_rank()
     if rank == 0:
-        tmp = cache_dir / f"stats.json.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(stats))
-        tmp.rename(cache_dir / "stats.json")
+        atomic_write_text(cache_dir / "stats.json", json.dumps(stats))
     else:
         _wait_for(cache_dir, [], print, 3600, marker="stats.json")
 
@@ -115,9 +116,7 @@ def _write_shard(cache_dir: Path, name: str, columns: Columns, counts: dict[str,
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     tmp.rename(cache_dir / f"{name}.arrow")
-    meta = cache_dir / f"{name}.json.tmp-{os.getpid()}"
-    meta.write_text(json.dumps(counts))
-    meta.rename(cache_dir / f"{name}.json")  # written last: the shard is complete
+    atomic_write_text(cache_dir / f"{name}.json", json.dumps(counts))  # written last: the shard is complete
 
 
 def _list_array(arrays: list[np.ndarray]):
@@ -138,8 +137,6 @@ def _wait_for(cache_dir: Path, names: list[str], log, timeout_s: float, marker: 
             return
         now = time.time()
         if now - t0 > timeout_s:
-            from kernel.errors import GuardtuneError
-
             raise GuardtuneError(f"data: gave up after {timeout_s:.0f}s waiting for {missing[0]} "
                                  "from another rank; did it fail?")
         if now - last > 60:

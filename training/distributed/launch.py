@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kernel.errors import GuardtuneError
+from kernel.models import resolve_base_model
 from kernel.paths import cache_root
+from training.base_model import load_tokenizer
+from training.checkpoints import resume_point
 from training.config import TrainConfig
+from training.data.dataset import prepare
 from training.distributed import runtime
 from training.distributed.ds_config import check_deepspeed, deepspeed_path
 from training.distributed.hostfile import Host, read_hostfile
@@ -60,6 +64,19 @@ def child_args(config: str | None, overrides: list[str]) -> list[str]:
 
 def plan(cfg: TrainConfig, config: str | None, overrides: list[str]) -> Plan:
     hosts = read_hostfile(cfg.hostfile) if cfg.hostfile else []
+    p = Plan(*_topology(cfg, hosts), hosts)
+    p.checks = _checks(cfg, p)
+    child = child_args(config, overrides)
+    p.node_commands = [_torchrun(cfg, p, node, child) for node in range(p.nnodes)]
+    if hosts:
+        p.deepspeed_command = ["deepspeed", "--hostfile", str(cfg.hostfile), "--master_addr", p.master_addr,
+                               "--master_port", str(cfg.master_port), "--num_nodes", str(p.nnodes),
+                               "--num_gpus", str(p.nproc), "--no_local_rank", "--module", *child[1:]]
+    return p
+
+
+def _topology(cfg: TrainConfig, hosts: list[Host]) -> tuple[int, int, str]:
+    """(nodes, processes per node, master address): the config's, filled in and checked against the hostfile."""
     given = cfg.model_fields_set
     nnodes, nproc, addr = cfg.nnodes, cfg.nproc, cfg.master_addr
     if hosts:
@@ -88,37 +105,38 @@ def plan(cfg: TrainConfig, config: str | None, overrides: list[str]) -> Plan:
             raise GuardtuneError(f"{nnodes} nodes need master_addr: node 0's IP address (or a hostfile), not {addr}")
     if cfg.launcher == "deepspeed" and nnodes > 1 and not hosts:
         raise GuardtuneError("launcher deepspeed needs a hostfile naming every node")
+    return nnodes, nproc, addr
 
-    p = Plan(nnodes, nproc, addr, hosts)
+
+def _checks(cfg: TrainConfig, p: Plan) -> list[str]:
+    """What was checked before any process starts, one line each for the dry run."""
     engine = (f"deepspeed {cfg.deepspeed}" if cfg.deepspeed else "fsdp" if cfg.fsdp else "ddp")
-    p.checks.append(f"world size {p.world} = {nnodes} node(s) x {nproc} process(es); {engine}; "
-                    "backend nccl on CUDA, gloo on CPU")
-    if hosts:
-        p.checks.append(f"hostfile {cfg.hostfile}: {len(hosts)} hosts by IP: "
-                        + ", ".join(f"{h.ip} slots={h.slots}" for h in hosts))
+    checks = [f"world size {p.world} = {p.nnodes} node(s) x {p.nproc} process(es); {engine}; "
+              "backend nccl on CUDA, gloo on CPU"]
+    if p.hosts:
+        checks.append(f"hostfile {cfg.hostfile}: {len(p.hosts)} hosts by IP: "
+                      + ", ".join(f"{h.ip} slots={h.slots}" for h in p.hosts))
     if cfg.deepspeed:
         conf = check_deepspeed(cfg, p.world)
-        p.checks.append(f"deepspeed {deepspeed_path(cfg.deepspeed)}: ZeRO stage {conf['zero_optimization']['stage']}; "
-                        f"batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {p.world} = "
-                        f"{cfg.batch_size * cfg.grad_accum * p.world} sequences per step")
-    child = child_args(config, overrides)
-    # Every rank's output goes to files under the run dir; rank 0's is also streamed (prefixed) for progress.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--local-ranks-filter", "0",
-                "--log-dir", str(launch_logs(cfg))]
-    for node in range(nnodes):
-        if nnodes == 1 and "master_port" not in given:
-            where = ["--standalone"]  # a free local port, so parallel runs on one machine do not collide
-        elif nnodes == 1:
-            where = ["--master-addr", addr, "--master-port", str(cfg.master_port)]
-        else:
-            where = ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                     f"{addr}:{cfg.master_port}", "--rdzv-id", cfg.task]
-        p.node_commands.append([*torchrun, "--nnodes", str(nnodes), "--nproc-per-node", str(nproc), *where, *child])
-    if hosts:
-        p.deepspeed_command = ["deepspeed", "--hostfile", str(cfg.hostfile), "--master_addr", addr,
-                               "--master_port", str(cfg.master_port), "--num_nodes", str(nnodes),
-                               "--num_gpus", str(nproc), "--no_local_rank", "--module", *child[1:]]
-    return p
+        checks.append(f"deepspeed {deepspeed_path(cfg.deepspeed)}: ZeRO stage {conf['zero_optimization']['stage']}; "
+                      f"batch {cfg.batch_size} x grad_accum {cfg.grad_accum} x world {p.world} = "
+                      f"{cfg.batch_size * cfg.grad_accum * p.world} sequences per step")
+    return checks
+
+
+def _torchrun(cfg: TrainConfig, p: Plan, node: int, child: list[str]) -> list[str]:
+    """Node `node`'s torchrun command. Every rank's output goes to files under the run dir; rank 0's
+    is also streamed (prefixed) for progress."""
+    if p.nnodes == 1 and "master_port" not in cfg.model_fields_set:
+        where = ["--standalone"]  # a free local port, so parallel runs on one machine do not collide
+    elif p.nnodes == 1:
+        where = ["--master-addr", p.master_addr, "--master-port", str(cfg.master_port)]
+    else:
+        where = ["--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                 f"{p.master_addr}:{cfg.master_port}", "--rdzv-id", cfg.task]
+    return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--local-ranks-filter", "0",
+            "--log-dir", str(launch_logs(cfg)), "--nnodes", str(p.nnodes), "--nproc-per-node", str(p.nproc),
+            *where, *child]
 
 
 def print_plan(p: Plan, cfg: TrainConfig) -> None:
@@ -140,20 +158,10 @@ def print_plan(p: Plan, cfg: TrainConfig) -> None:
 
 def prepare_once(cfg: TrainConfig, log) -> Path | None:
     """Work that must not race between ranks: materialise the base, fill the data cache, pick the resume point."""
-    from transformers import AutoTokenizer
-
-    from kernel.models import resolve_base_model
-    from training.trainer import _resume_point
-
     base_dir = resolve_base_model(cfg.base_model, log=log)
     if cfg.stage == "sft" and cfg.train_file is not None:
-        from training.data.dataset import prepare
-
-        tokenizer = AutoTokenizer.from_pretrained(base_dir)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        prepare(cfg, tokenizer, log=lambda m: None)
-    return _resume_point(cfg, cfg.checkpoint_dir, log)
+        prepare(cfg, load_tokenizer(base_dir), log=lambda m: None)
+    return resume_point(cfg, cfg.checkpoint_dir, log, writer=True)
 
 
 def launch(cfg: TrainConfig, config: str | None, overrides: list[str], *, log) -> int:

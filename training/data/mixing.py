@@ -7,6 +7,7 @@ round(mix_size * ratio_i / sum(ratios)) rows (largest remainders, so the counts 
   (sampling with replacement, without needless repeats).
 The eval split is taken from each source's own unique rows before mixing, so a repeated train row
 never also sits in eval. The realised mix (rows per source, share) is logged and stored in the manifest.
+Replay sources arrive as files already generated (training/replay.py): data never loads a model.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from kernel.errors import GuardtuneError
 from training.data.readers import read_jsonl
+from training.data.split import eval_count
 
 
 @dataclass
@@ -33,18 +35,16 @@ class MixPlan:
     sources: list[Source]
     mix_size: int | None
     seed: int
-    replay_hits: list[bool] = field(default_factory=list)
 
     @classmethod
-    def build(cls, cfg, tokenizer, *, log=print) -> "MixPlan":
-        """Check every source and turn replay sources into their (cached) generated files."""
+    def build(cls, cfg, replays: dict[int, Path]) -> "MixPlan":
+        """Check every source; `replays` holds the generated file of each replay source, by its index."""
         sources = []
         for i, src in enumerate(cfg.datasets):
             if src.replay is not None:
-                from training.replay import build_replay
-
-                path, _ = build_replay(src.replay, cfg, tokenizer, log=log)
-                name = f"replay:{Path(src.replay.prompts).name}"
+                if i not in replays:
+                    raise GuardtuneError(f"datasets[{i}]: replay source given no generated file")
+                path, name = replays[i], f"replay:{Path(src.replay.prompts).name}"
             else:
                 path, name = Path(src.path), Path(src.path).name
                 if not path.is_file():
@@ -71,7 +71,7 @@ class MixPlan:
             convs = rows.conversations
             order = list(range(len(convs)))
             rng.shuffle(order)
-            n_eval = int(round(len(convs) * eval_split)) if len(convs) > 1 else 0
+            n_eval = eval_count(len(convs), eval_split)
             evals += [convs[i] for i in order[:n_eval]]
             pools.append([convs[i] for i in order[n_eval:]])
         total = self.mix_size or sum(len(p) for p in pools)

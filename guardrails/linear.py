@@ -1,9 +1,10 @@
-"""Linear-time patterns for the scanners: every pattern compiles on RE2 (google-re2), never on `re`.
+"""Linear-time patterns for the scanners, the output filter and the classifier's view: every pattern
+compiles on RE2 (google-re2), never on `re`.
 
 Python's `re` backtracks, so one hostile request could cost the square of its length (the e-mail
 pattern took seconds on 60,000 'a's). RE2 runs in time linear in the input whatever the pattern and
 the input are. It has no look-arounds: scanners that need a boundary check do it in Python on RE2's
-candidates (see pii.py).
+candidates (see scanners/pii.py).
 
 Texts go to RE2 as UTF-8 bytes, encoded once per scan: the bytes API resumes a search at any offset
 in constant time (the str API re-encodes and re-counts the whole text on every call with a `pos`).

@@ -1,0 +1,71 @@
+"""What the admin API does: swap and delete tasks, reload a stage's store, read the audit trail."""
+
+from __future__ import annotations
+
+import asyncio
+
+from guardrails import outcomes
+from guardrails.audit import audit_page
+from kernel.errors import GuardtuneError
+from serving.errors import APIError
+from serving.registry import AdapterRejected, StateNotSaved, TaskNotFound
+from serving.state import ServerState
+
+
+async def reload_stage(stages: list, name: str, missing: str) -> dict:
+    """Reload a stage's store from disk; a bad one is refused and the old one keeps serving."""
+    stage = next((s for s in stages if s.name == name), None)
+    if stage is None:
+        raise APIError(404, missing, code="not_configured")
+    try:
+        return await asyncio.to_thread(stage.reload)
+    except GuardtuneError as exc:
+        raise APIError(400, str(exc), code=f"{name}_rejected") from None
+
+
+async def audit_records(state: ServerState, request_id: str | None, **query) -> dict:
+    """One record by request id, or a page of them filtered by `query` (audit_page's arguments)."""
+    sink = state.pipeline.audit
+    if sink is None:
+        raise APIError(404, "no audit store is configured (set guardrails: in the serve config)",
+                       code="not_configured")
+    if request_id is not None:
+        record = await asyncio.to_thread(sink.store.get, request_id)
+        if record is None:
+            raise APIError(404, f"no audit record for request {request_id}", code="not_found")
+        return record
+    if query.get("outcome") is not None and not outcomes.is_outcome(query["outcome"]):
+        raise APIError(400, f"unknown outcome {query['outcome']!r}; use {outcomes.described()}", param="outcome")
+    return await asyncio.to_thread(audit_page, sink.store, **query)
+
+
+def list_tasks(state: ServerState) -> dict:
+    return {"tasks": [s.summary() for s in state.registry.tasks.values()]}
+
+
+async def put_task(state: ServerState, task: str, adapter: str) -> dict:
+    if not task.replace("-", "").replace("_", "").replace(".", "").isalnum() or len(task) > 64:
+        raise APIError(400, "task names are letters, digits, '-', '_' and '.' (up to 64)", param="task")
+    if task in (state.cfg.base_model, "base"):
+        raise APIError(400, f"'{task}' names the base model", param="task")
+    try:
+        slot = await state.registry.put(task, adapter)
+    except AdapterRejected as exc:
+        raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
+    except StateNotSaved as exc:
+        raise _not_saved(exc) from None
+    return slot.summary()
+
+
+async def delete_task(state: ServerState, task: str) -> dict:
+    try:
+        await state.registry.delete(task)
+    except TaskNotFound as exc:
+        raise APIError(404, str(exc), param="task", code="task_not_found") from None
+    except StateNotSaved as exc:
+        raise _not_saved(exc) from None
+    return {"deleted": task}
+
+
+def _not_saved(exc: StateNotSaved) -> APIError:
+    return APIError(500, str(exc), code="state_write_failed")

@@ -1,0 +1,54 @@
+"""/v1: OpenAI's model list, chat completions and moderations."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from serving.auth import require_user
+from serving.catalog import model_list
+from serving.chat import ChatService
+from serving.errors import errors
+from serving.gate import ClientGone, cancel_on_disconnect
+from serving.moderations import ModerationService
+from serving.protocol import ChatCompletion, ChatCompletionRequest, ModerationRequest
+from serving.state import State
+
+router = APIRouter()
+
+
+def _chat(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def _moderation(request: Request) -> ModerationService:
+    return request.app.state.moderation
+
+
+@router.get("/v1/models", responses=errors(503))
+async def models(request: Request, state: State):
+    require_user(request, state.keys.users)
+    state.require_ready()
+    return model_list(state)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 503, 504)})
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
+                           chat: Annotated[ChatService, Depends(_chat)]):
+    who = require_user(request, state.keys.users)
+    state.require_ready()
+    chat.check_rate(body, who)
+    try:
+        return await cancel_on_disconnect(request.receive, chat.handle(body, who if state.keys.users else None))
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+@router.post("/v1/moderations")
+async def moderations(body: ModerationRequest, request: Request, state: State,
+                      moderation: Annotated[ModerationService, Depends(_moderation)]):
+    require_user(request, state.keys.users)
+    return await moderation.handle(body)
