@@ -17,6 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from guardrails import outcomes
+from guardrails.audit import export_badcases
+from guardrails.stores import is_url, open_audit_store
+from kernel.cli_util import run_cli
 from kernel.errors import GuardtuneError
 
 DEFAULT_DB = "audit/audit.db"  # same as guardrails.audit.DEFAULT_DB; kept here so --help imports nothing
@@ -74,8 +77,6 @@ def parse_since(value: str) -> float:
 
 
 def _open(db: str):
-    from guardrails.stores import is_url, open_audit_store
-
     # Reading must not create an empty store where the user mistyped a path (a postgresql:// URL is a server).
     if not is_url(db) and not Path(db).is_file():
         raise GuardtuneError(f"audit db {db}: no such file")
@@ -161,8 +162,6 @@ def _ms(value: object) -> str:
 
 
 def run_badcases(args: argparse.Namespace) -> int:
-    from guardrails.audit import export_badcases
-
     wanted = outcomes.check([o.strip() for o in args.outcomes.split(",") if o.strip()], "--outcomes")
     if not wanted:
         raise GuardtuneError("--outcomes: give at least one outcome, e.g. fallback,blocked")
@@ -180,8 +179,6 @@ def run_badcases(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m guardrails.audit_cli audit ...`: the two subcommands without the rest of guardtune."""
-    from kernel.cli_util import run_cli
-
     parser = argparse.ArgumentParser(prog="guardtune")
     add_arguments(parser.add_subparsers(dest="command", required=True))
     return run_cli(lambda: (lambda a: a.fn(a))(parser.parse_args(argv)))

@@ -14,6 +14,7 @@ from typing import Literal
 
 from guardrails.scanners.base import Scanner
 from guardrails.scripts import ScriptStore
+from kernel.encoder import embed_one
 
 
 @dataclass
@@ -38,8 +39,6 @@ class Compliance:
         self.output_scanners = output_scanners or []
 
     def decide(self, raw: str, *, stage: str | None, session_id: str | None, threshold: float) -> Decision:
-        from kernel.encoder import embed_one
-
         t0 = time.perf_counter()
         store = self.store  # one snapshot: a reload mid-decision does not mix two stores
         reason = ""
@@ -63,8 +62,6 @@ class Compliance:
 
     def infer_stage(self, user_text: str, previous: str | None, min_score: float = 0.35) -> str | None:
         """The stage of the staged script nearest to the user's words; else the session's last stage."""
-        from kernel.encoder import embed_one
-
         match = self.store.nearest(embed_one(user_text), None)
         if match is not None and match.script.stage != "*" and match.score >= min_score:
             return match.script.stage

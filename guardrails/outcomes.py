@@ -23,6 +23,8 @@ OUTCOMES = (PASSED, BLOCKED, REDACTED, SCRIPT, FALLBACK, MONITOR_SCRIPT, MONITOR
 
 ERROR = "error_<status>"  # a failed request, by HTTP status: error_499 (client left), error_504, ...
 _ERROR = re.compile(r"error_[1-5][0-9][0-9]")
+# Every outcome, as one regular expression (an API's query schema states what it accepts).
+PATTERN = f"^({'|'.join(OUTCOMES)}|{_ERROR.pattern})$"
 
 
 def error(status: int) -> str:

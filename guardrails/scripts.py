@@ -22,6 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kernel.configfile import explain, read_mapping
+from kernel.encoder import embed
 from kernel.errors import GuardtuneError
 from kernel.fsutil import atomic_dir
 
@@ -72,8 +73,6 @@ def load_library(path: str | Path) -> Library:
 
 def build_store(library_path: str | Path, out_dir: str | Path, *, log=print) -> dict:
     import faiss
-
-    from kernel.encoder import embed
 
     lib = load_library(library_path)
     t0 = time.time()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from guardrails.scripts import build_store
+
 
 def add_arguments(sub) -> None:
     p = sub.add_parser("scripts", help="approved-script store for output compliance")
@@ -16,8 +18,6 @@ def add_arguments(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from guardrails.scripts import build_store
-
     build_store(args.library, args.out, log=lambda m: print(m, file=sys.stderr))
     print(args.out)
     return 0

@@ -1,4 +1,5 @@
 """guardtune: fine-tune chat models into adapters and serve them behind guardrails."""
 
-# The one place the version is written: pyproject.toml reads it from here, and `train` from the metadata.
-__version__ = "0.1.0"
+from kernel import __version__
+
+__all__ = ["__version__"]

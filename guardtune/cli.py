@@ -6,38 +6,38 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from guardtune import __version__
+from guardrails import audit_cli, scripts_cli
+from guardrails.classifier import cli as guard_cli
+from guardrails.ingest_screen import InjectionScreen
+from guardtune import __version__, demo
 from kernel.cli_util import run_cli
+from kernel.models import resolve_base_model, weights_sha256
+from rag import cli as rag_cli
+from serving import cli as serving_cli
+from training import cli as train_cli
+from training import estimate
+from training.export import merge
 
 
 def _export(args: argparse.Namespace) -> int:
-    from training.export import merge
-
     merge(args.adapter, args.merge)
     print(args.merge)
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import evaluate_cli
+    from training.evaluate import evaluate_cli  # lazy: loads torch
 
     return evaluate_cli(args)
 
 
 def _base(args: argparse.Namespace) -> int:
-    from kernel.models import resolve_base_model, weights_sha256
-
     path = resolve_base_model(args.name, log=lambda m: print(m, file=sys.stderr))
     print(f"{path}\nsha256 {weights_sha256(path)}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from guardrails import audit_cli, scripts_cli
-    from guardrails.classifier import cli as guard_cli
-    from guardrails.ingest_screen import InjectionScreen
-    from rag import cli as rag_cli
-
     p = argparse.ArgumentParser(prog="guardtune", description="Fine-tune, guard and serve chat models.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,9 +60,6 @@ def _command(sub: argparse._SubParsersAction, name: str, help_text: str,
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
-    from training import cli as train_cli
-    from training import estimate
-
     _command(sub, "train", "train an adapter (same as the `train` command)", train_cli.add_arguments, train_cli.run)
 
     e = sub.add_parser("export", help="write a merged full model from an adapter")
@@ -89,8 +86,6 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
-    from serving import cli as serving_cli
-
     _command(sub, "serve", "OpenAI-compatible chat server over vLLM", serving_cli.add_serve_arguments,
              serving_cli.serve)
     _command(sub, "adapters", "list, swap or remove a running server's task adapters",
@@ -98,8 +93,6 @@ def _add_serving_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_front_door_commands(sub: argparse._SubParsersAction) -> None:
-    from guardtune import demo
-
     _command(sub, "demo", "train, build the stores, serve, and play a guarded conversation (README's first command)",
              demo.add_arguments, demo.run)
 

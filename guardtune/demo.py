@@ -19,7 +19,13 @@ from pathlib import Path
 
 import yaml
 
+from guardrails.ingest_screen import InjectionScreen
+from guardrails.scripts import build_store
 from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest
+from rag.index import ingest
+from training.config import load_config
+from training.host_memory import prepare_process_env
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -51,9 +57,7 @@ def step(n: int, total: int, msg: str) -> None:
 # ---- preparation ------------------------------------------------------------------------------
 
 def train_adapters(workdir: Path, steps: int, v2_steps: int) -> dict[str, Path]:
-    from kernel.manifest import Manifest
-    from training.config import load_config
-    from training.entry import train
+    from training.entry import train  # lazy: loads torch and the trainers
 
     out = {}
     for task, overrides in ADAPTERS.items():
@@ -72,10 +76,6 @@ def train_adapters(workdir: Path, steps: int, v2_steps: int) -> dict[str, Path]:
 
 
 def build_stores(workdir: Path, cfg: dict) -> None:
-    from guardrails.ingest_screen import InjectionScreen
-    from guardrails.scripts import build_store
-    from rag.index import ingest
-
     store = Path(cfg["guardrails"]["compliance"]["store"])
     build_store(Path(cfg["guardrails"]["compliance"]["library"]), store, log=lambda m: None)
     say(f"  approved-script store: {store}")
@@ -249,8 +249,6 @@ def _interruptible() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.host_memory import prepare_process_env
-
     prepare_process_env()  # before torch is imported: the demo trains in this process
     _interruptible()
     try:
@@ -261,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from serving.launcher import ServerProcess
+    from serving.launcher import ServerProcess  # lazy: loads httpx (with click, rich, pygments)
 
     workdir = args.workdir.resolve()
     total = 4

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kernel.errors import GuardtuneError
+from kernel.models import resolve_base_model, weights_sha256
 from kernel.paths import MANIFEST_NAME
 
 MANIFEST_VERSION = 1
@@ -123,8 +124,6 @@ class Manifest(BaseModel):
 
 def resolve_manifest_base(manifest: Manifest) -> Path:
     """The manifest's base by id (portable across machines), else by recorded path; its hash must match."""
-    from kernel.models import resolve_base_model, weights_sha256
-
     try:
         base_dir = resolve_base_model(manifest.base_model.id)
     except GuardtuneError:

@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from kernel import encoder
 from kernel.errors import GuardtuneError
 from kernel.fsutil import atomic_dir
 from rag.chunking import check_sizes, chunk_text, find_documents, read_document, title
@@ -135,12 +136,10 @@ class KnowledgeIndex:
 
     def search_many(self, queries: list[str], top_k: int = 5, min_score: float = 0.0) -> list[list[Hit]]:
         """Best chunks per query, highest cosine first; one embed call for all queries."""
-        from kernel.encoder import embed, embed_one
-
         if not queries or not self.chunks or top_k < 1:
             return [[] for _ in queries]
         # A single query is usually a user turn the guardrails already embedded: take it from the cache.
-        vectors = embed_one(queries[0]).reshape(1, -1) if len(queries) == 1 else embed(queries)
+        vectors = encoder.embed_one(queries[0]).reshape(1, -1) if len(queries) == 1 else encoder.embed(queries)
         scores, ids = self.index.search(vectors, min(top_k, len(self.chunks)))
         return [[self._hit(int(i), float(s)) for s, i in zip(row_s, row_i) if i >= 0 and s >= min_score]
                 for row_s, row_i in zip(scores, ids)]
@@ -322,13 +321,11 @@ class _Build:
 
 
 def _embed_with_progress(texts: list[str], log: Callable[[str], None]) -> np.ndarray:
-    from kernel.encoder import embed
-
     if not texts:
         return np.zeros((0, DIM), np.float32)
     t0, parts = time.time(), []
     for i in range(0, len(texts), EMBED_BATCH):
-        parts.append(embed(texts[i:i + EMBED_BATCH]))
+        parts.append(encoder.embed(texts[i:i + EMBED_BATCH]))
         log(f"rag: embedded {min(i + EMBED_BATCH, len(texts))}/{len(texts)} chunks ({time.time() - t0:.1f} s)")
     return np.concatenate(parts)
 

@@ -1,4 +1,4 @@
-"""Serving: OpenAI-compatible chat on vLLM, one adapter per task (issue #3).
+"""Serving: OpenAI-compatible chat on vLLM, one adapter per task.
 
 It reads only what training publishes: adapter directories with a guardtune.json manifest
 (kernel.manifest). Nothing here imports training code.

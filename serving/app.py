@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from kernel import __version__
 from serving.chat import ChatService
 from serving.config import ServeConfig
 from serving.engines.base import Engine
@@ -19,7 +20,7 @@ from serving.state import ServerState
 def create_app(cfg: ServeConfig, *, engine: Engine | None = None, pipeline: Pipeline | None = None) -> FastAPI:
     state = ServerState.build(cfg, engine=engine, pipeline=pipeline or default_pipeline(cfg))
     keys = state.keys
-    app = FastAPI(title="guardtune", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="guardtune", version=__version__, lifespan=lifespan)
     app.state.gt = state
     app.state.chat = ChatService(state)
     app.state.moderation = ModerationService(state)

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from kernel.errors import GuardtuneError
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="serve config YAML (default: base model + every adapter under adapters/)")
@@ -19,13 +21,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from serving.app import create_app
-    from serving.config import load_serve_config
+    from serving.app import create_app  # lazy: loads fastapi
+    from serving.config import load_serve_config  # lazy: loads numpy via guardrails (serving --help)
 
     cfg = load_serve_config(args.config, host=args.host, port=args.port, engine=args.engine)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("guardtune.serve").info("starting %s engine on %s:%d", cfg.engine, cfg.host, cfg.port)
-    from serving.gate import bounded_h11
+    from serving.gate import bounded_h11  # lazy: loads fastapi
 
     # X-Forwarded-For rewrites the client address only from proxies the config names: by default the
     # socket peer is the client, so no header can make a remote caller look local.
@@ -50,8 +52,6 @@ def add_adapters_arguments(p: argparse.ArgumentParser) -> None:
 
 def adapters(args: argparse.Namespace) -> int:
     import httpx
-
-    from kernel.errors import GuardtuneError
 
     headers = {}
     if key := os.environ.get("GUARDTUNE_ADMIN_KEY"):

@@ -1,6 +1,6 @@
 """The request pipeline around the engine call: pre-model stages, the engine, post-model stages.
 
-Guardrails and RAG plug in here (issue #4) as stages; serving itself knows no policy.
+Guardrails and RAG plug in here as stages; serving itself knows no policy.
 - A pre-stage sees the request context before the model. It may rewrite the messages (redaction,
   retrieved context) or intercept the request with a reply of its own (a refusal).
 - A post-stage sees the full generated text and returns the text to send. When a post-stage

@@ -10,10 +10,15 @@ import time
 
 import anyio
 
+from guardrails.compliance import Compliance
 from guardrails.moderation import Moderator, judge
 from guardrails.output import LeakIndex, OutputFilter
 from guardrails.privacy import redact_deep
 from guardrails.scanners.pii import PII
+from guardrails.scripts import ScriptStore, build_store
+from guardrails.stores import open_audit_store, open_session_store
+from rag.index import KnowledgeIndex
+from rag.prompting import citations, with_context
 from serving.pipeline import ChatContext, Intercept
 
 BASE = "base"  # the metrics and audit label of the base model
@@ -108,16 +113,11 @@ class ComplianceStage:
     name = "compliance"
 
     def __init__(self, cfg, scope: GuardScope, output_scanners=None):
-        from guardrails.compliance import Compliance
-        from guardrails.stores import open_session_store
-
         self.cfg, self.scope = cfg, scope
         self.compliance = Compliance(self._load_store(), output_scanners=output_scanners)
         self.sessions = open_session_store(cfg.sessions_db)  # SQLite file, or PostgreSQL shared by replicas
 
     def _load_store(self):
-        from guardrails.scripts import ScriptStore, build_store
-
         if not (self.cfg.store / "meta.json").is_file() and self.cfg.library is not None:
             build_store(self.cfg.library, self.cfg.store, log=lambda m: None)
         return ScriptStore.load(self.cfg.store)
@@ -168,8 +168,6 @@ class Audit:
     leaves its record."""
 
     def __init__(self, path, scope: GuardScope):
-        from guardrails.stores import open_audit_store
-
         self.store, self.scope = open_audit_store(path), scope  # SQLite file or postgresql:// URL
         self._pii = PII()
 
@@ -198,8 +196,6 @@ class RetrievalStage:
 
     @staticmethod
     def _load(path):
-        from rag.index import KnowledgeIndex
-
         return KnowledgeIndex.load(path)
 
     def reload(self) -> dict:
@@ -212,8 +208,6 @@ class RetrievalStage:
         index = self.indexes.get(ctx.task)
         if index is None:
             return None
-        from rag.prompting import citations, with_context
-
         c = self.per_task[ctx.task]
         query = next((m["content"] for m in reversed(ctx.messages) if m["role"] == "user"), "")
         t0 = time.perf_counter()

@@ -12,10 +12,16 @@ import time
 
 from fastapi import FastAPI
 
+from guardrails.moderation import Moderator
+from kernel.encoder import embed
 from kernel.errors import GuardtuneError
+from kernel.models import resolve_base_model, weights_sha256
 from serving.config import ServeConfig
+from serving.engines import make_engine
 from serving.pipeline import Pipeline
+from serving.prompts import PromptRenderer
 from serving.registry import AdapterRejected, TaskRegistry
+from serving.stages import Audit, ComplianceStage, GuardScope, ModerationStage, OutputStage, RetrievalStage
 from serving.state import ServerState
 
 log = logging.getLogger("guardtune.serve")
@@ -28,21 +34,14 @@ def default_pipeline(cfg: ServeConfig) -> Pipeline:
     pipeline = Pipeline()
     g = cfg.guardrails
     if g is not None:
-        from guardrails.moderation import Moderator
-        from serving.stages import Audit, GuardScope, ModerationStage, OutputStage
-
         scope = GuardScope(g.tasks, g.base_model)
         moderator = Moderator(g.moderation)
         pipeline.pre.append(ModerationStage(moderator, scope))
         pipeline.audit = Audit(g.audit_db, scope)
         pipeline.output = OutputStage(g.output, scope)
     if cfg.rag:
-        from serving.stages import RetrievalStage
-
         pipeline.pre.append(RetrievalStage(cfg.rag))
     if g is not None and g.compliance is not None:
-        from serving.stages import ComplianceStage
-
         # The raw reply is scanned for leaks and banned topics with the input's own scanners.
         output_scanners = [s for s in moderator.scanners if s.name in ("pii", "banned_topics")]
         pipeline.post.append(ComplianceStage(g.compliance, scope, output_scanners))
@@ -52,10 +51,6 @@ def default_pipeline(cfg: ServeConfig) -> Pipeline:
 async def start_state(state: ServerState) -> None:
     """Resolve the base, start the engine, register tasks (the last committed mapping wins)."""
     from transformers import AutoTokenizer, GenerationConfig
-
-    from kernel.models import resolve_base_model, weights_sha256
-    from serving.engines import make_engine
-    from serving.prompts import PromptRenderer
 
     cfg = state.cfg
     t0 = time.time()
@@ -81,8 +76,6 @@ async def start_state(state: ServerState) -> None:
             log.error("task %s not served: %s", task, exc)
     log.info("serving tasks: %s", ", ".join(state.registry.tasks) or "(none)")
     if cfg.guardrails is not None or cfg.rag:
-        from kernel.encoder import embed
-
         await asyncio.to_thread(embed, ["warm-up"])  # load the encoder now, not on the first guarded request
     state.ready = True
     state.watchdog = asyncio.get_running_loop().create_task(watch_engine(state))

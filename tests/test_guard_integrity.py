@@ -295,7 +295,8 @@ def test_audit_retention_and_pages(guarded):
     passed = call(guarded, "GET", "/admin/audit", ADMIN, params={"outcome": "passed"}).json()
     assert passed["total"] > 0 and {x["outcome"] for x in passed["records"]} == {"passed"}
     r = call(guarded, "GET", "/admin/audit", ADMIN, params={"outcome": "none"})  # an old name matches nothing
-    assert r.status_code == 400 and r.json()["error"]["param"] == "outcome" and "passed" in r.json()["error"]["message"]
+    assert r.status_code == 400 and r.json()["error"]["param"].endswith("outcome")
+    assert "passed" in r.json()["error"]["message"]  # the pattern names the valid outcomes
 
 
 def test_no_secret_reaches_the_log(guarded, tmp_path):

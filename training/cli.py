@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import sys
 
+from kernel import __version__
 from kernel.cli_util import run_cli
-from training.config import TrainConfig
+from training.config import TrainConfig, load_config
+from training.distributed import launch
+from training.host_memory import prepare_process_env
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,22 +17,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="override config keys, e.g. method=qlora max_steps=20")
     p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed data rows instead of failing")
     p.add_argument("--keys", action="store_true", help="list config keys with defaults and exit")
-    p.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('guardtune')}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--dry-run", action="store_true", help="print the launch command per node and check the "
                    "distributed settings, without training")
 
 
 def run(args: argparse.Namespace) -> int:
-    from training.host_memory import prepare_process_env
-
     prepare_process_env()  # before anything imports torch; both `train` and `guardtune train` come here
     if args.keys:
         for name, field in TrainConfig.model_fields.items():
             default = "(required)" if field.is_required() else repr(field.default)
             print(f"{name:24} {default:24} {field.description or ''}")
         return 0
-    from training.config import load_config
-
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         overrides.insert(0, args.config)  # `train key=value ...` with no file
@@ -40,14 +38,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         overrides.append("dry_run=true")
     cfg = load_config(args.config, overrides)
-    from training.distributed import launch  # several processes: torchrun starts ranks that re-run this CLI
-
-    if launch.wanted(cfg):
+    if launch.wanted(cfg):  # several processes: torchrun starts ranks that re-run this CLI
         code = launch.launch(cfg, args.config, overrides, log=lambda msg: print(msg, file=sys.stderr, flush=True))
         if not cfg.dry_run:
             print(cfg.adapter_dir)
         return code
-    from training.entry import train  # torch and the trainers load only when this process trains
+    from training.entry import train  # lazy: loads torch and the trainers, only when this process trains
 
     train(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(cfg.adapter_dir)

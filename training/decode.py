@@ -17,7 +17,10 @@ def greedy_replies(model, tokenizer, prompts, *, system_prompt=None, stop_ids=No
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list[str] = [""] * len(texts)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # a base without one (Llama-2 style) pads with EOS here; the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token
+    pad = tokenizer.pad_token_id
     model.eval()
     t0, done = time.time(), 0
     try:
@@ -35,6 +38,8 @@ def greedy_replies(model, tokenizer, prompts, *, system_prompt=None, stop_ids=No
                 log(f"{label}: {done}/{len(texts)} replies, {time.time() - t0:.0f}s")
     finally:
         tokenizer.padding_side = side
+        if pad_token is None:
+            tokenizer.pad_token = None
     return out
 
 

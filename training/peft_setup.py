@@ -17,6 +17,7 @@ import torch
 
 from kernel.errors import GuardtuneError
 from kernel.manifest import FULL_METHODS, LORA_METHODS, serving_for
+from training.adapters import remember_base
 from training.config import TrainConfig
 
 
@@ -56,8 +57,6 @@ def load_base(cfg: TrainConfig, base_dir):
             own_unquantized_weights(model)
     model.config.use_cache = False
     if cfg.method in FULL_METHODS:
-        from training.adapters import remember_base
-
         remember_base(model, base_dir)  # so the base-vs-tuned comparison after training can load it
     return model
 

@@ -82,12 +82,12 @@ def execute(cfg: TrainConfig, stage: Stage, *, log=print) -> Path:
         resume_from = resume_point(cfg, cfg.checkpoint_dir, log, writer=dist.is_main())
     set_seed(cfg.seed)
     run = Run(cfg, base_dir, tokenizer, total_steps(cfg, len(data.train)), log)
-    tracker = trackers(cfg, run.total_steps, log)
-    trainer, trainable = stage.trainer(run, data, [MetricsCallback(tracker)])
-    model = _settle(trainer)
-    tracker.log_config(cfg.model_dump(mode="json") | {"trainable_params": trainable, "train_rows": data.rows})
     stop_ids = tokenizer.convert_tokens_to_ids(stop_tokens(tokenizer, base_dir))
-    try:
+    tracker = trackers(cfg, run.total_steps, log)
+    try:  # from here on a failure (model load, PEFT, trainer) still closes the tracker's experiment
+        trainer, trainable = stage.trainer(run, data, [MetricsCallback(tracker)])
+        model = _settle(trainer)
+        tracker.log_config(cfg.model_dump(mode="json") | {"trainable_params": trainable, "train_rows": data.rows})
         metrics = fit(trainer, stage, tracker, resume_from, has_eval=data.eval is not None)
         metrics.train_runtime_s = round(time.time() - t_start, 1)
         metrics.trainable_params = trainable

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from guardrails.classifier.data import SEEDS
 from guardrails.classifier.head import CARD
-from guardrails.classifier.train import TrainConfig, summary, train
+from guardrails.classifier.settings import TrainConfig
 from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
 
@@ -39,6 +39,8 @@ def _cache_dir(cfg: TrainConfig, seeds: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from guardrails.classifier.train import summary, train  # lazy: loads sklearn (1 s on every guardtune command)
+
     if args.epochs < 1 or (args.slice is not None and args.slice < 1):
         raise GuardtuneError("--epochs and --slice take a positive number")
     cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice)

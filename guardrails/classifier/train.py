@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import date
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 
@@ -23,18 +23,8 @@ from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
 from guardrails.classifier.fit import calibrate, fit_logreg, fit_mlp
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, text_windows
+from guardrails.classifier.settings import TrainConfig
 from kernel.paths import cache_root
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    head: Literal["mlp", "logreg"] = "mlp"
-    hidden: int = 256
-    epochs: int = 60
-    alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
-    fpr: float = 0.01  # the benign share allowed to be flagged, per language
-    per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
-    seed: int = 0
 
 
 class EmbeddingCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from guardrails.scanners.base import Verdict
+from kernel.encoder import embed, embed_windows
 
 
 class BannedTopics:
@@ -13,8 +14,6 @@ class BannedTopics:
         self._index = None  # (vectors, topic name per row)
 
     def _load(self):
-        from kernel.encoder import embed
-
         names, phrases = [], []
         for topic, examples in self.topics.items():
             names += [topic] * len(examples)
@@ -24,8 +23,6 @@ class BannedTopics:
     def scan(self, text: str) -> Verdict:
         if not self.topics:
             return Verdict(self.name, text, True, 0.0)
-        from kernel.encoder import embed_windows
-
         if self._index is None:
             self._load()
         vectors, names = self._index

@@ -16,6 +16,7 @@ import threading
 import time
 from typing import AsyncIterator
 
+from kernel.manifest import PROMPT_METHODS, Manifest
 from serving.engines.base import AdapterRef, Delta, GenParams
 
 
@@ -71,8 +72,6 @@ class TransformersEngine:
 
     def _load_adapter(self, adapter: AdapterRef) -> None:
         from peft import PeftModel
-
-        from kernel.manifest import PROMPT_METHODS, Manifest
 
         name = f"a{adapter.lora_id}"
         method = Manifest.read(adapter.path).method

@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
+from guardrails import outcomes
 from serving import admin
 from serving.auth import require_admin
 from serving.errors import errors
@@ -30,7 +31,8 @@ async def reload_rag(request: Request, state: State):
 
 
 @router.get("/admin/audit", responses=errors(404))
-async def audit(request: Request, state: State, task: str | None = None, outcome: str | None = None,
+async def audit(request: Request, state: State, task: str | None = None,
+                outcome: Annotated[str | None, Query(pattern=outcomes.PATTERN)] = None,
                 session_id: str | None = None, since: float | None = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0,
                 request_id: str | None = None):

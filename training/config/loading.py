@@ -50,7 +50,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if raw.get(key) and not Path(str(raw[key])).is_absolute():
             raw[key] = str(base / str(raw[key]))
     _relative_mix_paths(raw, base)
-    for key in ("hostfile", "deepspeed"):  # distributed: a hostfile or DeepSpeed JSON beside the config
+    for key in ("hostfile", "deepspeed"):  # a hostfile or DeepSpeed JSON beside the config
         value = str(raw.get(key) or "")
         if (key == "hostfile" or value.endswith(".json")) and value and not Path(value).is_absolute():
             raw[key] = str(base / value)

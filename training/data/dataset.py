@@ -24,6 +24,7 @@ from kernel.paths import cache_root
 from training.data import shards
 from training.data.cleaning import Cleaner, CleaningCounts
 from training.data.mixing import MixPlan, describe
+from training.data.pretrain import text_blocks
 from training.data.processor import IGNORE, MaskOptions, tokenize_batch
 from training.data.readers import count_rows, iter_rows, normalise_row, text_row
 from training.data.split import eval_count
@@ -164,7 +165,7 @@ def _rows(cfg, mix, bad: list[str], cleaning: CleaningCounts, meta: dict, log):
 
 def _sft_shard(tokenizer, opts: MaskOptions, packing: bool) -> shards.Tokenise:
     def tokenise(convs: list) -> tuple[shards.Columns, dict[str, int]]:
-        from training.data.packing import pack
+        from training.data.packing import pack  # lazy: loads torch
 
         counts = dict.fromkeys(("rows", "sequences", "untrainable_rows", "truncated_rows", "trained_tokens",
                                 "total_tokens"), 0)
@@ -192,8 +193,6 @@ def _sft_shard(tokenizer, opts: MaskOptions, packing: bool) -> shards.Tokenise:
 
 def _pt_shard(tokenizer, block_size: int) -> shards.Tokenise:
     def tokenise(docs: list) -> tuple[shards.Columns, dict[str, int]]:
-        from training.data.pretrain import text_blocks
-
         blocks, dropped = text_blocks(tokenizer, docs, block_size)
         n_tokens = int(sum(len(b) for b in blocks))
         return {"input_ids": blocks, "labels": blocks}, {

@@ -13,6 +13,9 @@ import os
 from pathlib import Path
 
 from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_dir
+from training.adapters import load_adapter
+from training.distributed.ds_config import deepspeed_path
 
 RESUME_ENV = "GUARDTUNE_RESUME_FROM"  # set by the launcher, which already chose the checkpoint
 # accelerate sets a one-process CPU run to no distribution at all, and then there is nothing to shard across.
@@ -61,8 +64,6 @@ def training_arguments(cfg, model, kwargs: dict) -> dict:
     if not (cfg.distributed or launched()):
         return kwargs
     import torch
-
-    from training.distributed.ds_config import deepspeed_path
 
     kwargs = dict(kwargs)
     cuda = torch.cuda.is_available()
@@ -209,8 +210,6 @@ def save_adapter(trainer, adapter_dir: Path, save_weights, finish) -> None:
     `save_weights(tmp)` is the single-process save; `finish(tmp)` adds the manifest on rank 0
     before the directory is renamed into place.
     """
-    from kernel.fsutil import atomic_dir
-
     if not (sharded(trainer) or world_size() > 1):
         with atomic_dir(adapter_dir) as tmp:
             save_weights(tmp)
@@ -231,8 +230,6 @@ def generation_model(trainer, model, adapter_dir: Path):
     if not sharded(trainer):
         return model
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    from training.adapters import load_adapter
 
     # Training is over. Left set, ZeRO-3's global config would make this rank-0-only load partition the
     # weights across ranks that are not loading, and the run would die after its adapter was written.

@@ -37,7 +37,7 @@ def register() -> None:
         log.info("guardtune LoRA CPU ops off: %s", reason)
         return
     # Imported only once the version is checked: the module paths it patches are version-specific.
-    from serving.engines.lora_cpu import patch
+    from serving.engines.lora_cpu import patch  # lazy: loads vllm; its module paths exist only on checked versions
 
     patch.apply()
     log.info("guardtune LoRA CPU ops on: grouped matmuls per adapter (vLLM %s)", patch.vllm_version())

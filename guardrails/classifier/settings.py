@@ -1,0 +1,17 @@
+"""The classifier's training settings: cheap to import, so the CLI can show its defaults without sklearn."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: Literal["mlp", "logreg"] = "mlp"
+    hidden: int = 256
+    epochs: int = 60
+    alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
+    fpr: float = 0.01  # the benign share allowed to be flagged, per language
+    per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
+    seed: int = 0
