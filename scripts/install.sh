@@ -15,7 +15,7 @@ for arg in "$@"; do
 done
 VENV=${VENV:-.venv}
 STAMP="$VENV/.guardtune-install"
-inputs=$(cat scripts/install.sh requirements/*.txt pyproject.toml guardtune/__init__.py | sha256sum | cut -c1-16)-$TARGET
+inputs=$(cat scripts/install.sh requirements/*.txt pyproject.toml kernel/__init__.py | sha256sum | cut -c1-16)-$TARGET
 want=$inputs${EXTRAS:+-$EXTRAS}
 # A test install holds the runtime as well, so it satisfies a plain one.
 if [ -f "$STAMP" ] && { [ "$(cat "$STAMP")" = "$want" ] || [ "$(cat "$STAMP")" = "$inputs-test" ]; }; then
