@@ -35,8 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -44,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from guardrails.outcomes import BLOCKED, FALLBACK
 from guardrails.outcomes import check as check_outcomes
 from kernel.errors import GuardtuneError
+from kernel.fsutil import atomic_write_text
 
 DEFAULT_DB = Path("audit/audit.db")
 CHAT_ROLES = ("system", "user", "assistant")
@@ -200,7 +199,7 @@ def export_badcases(store: AuditBackend, out_path: str | Path, *,
                 skipped.append(f"{record.get('request_id')}: {reason}")
             continue
         rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-    _write_atomic(out_path, "".join(rows))
+    atomic_write_text(out_path, "".join(rows))
     return len(rows)
 
 
@@ -239,17 +238,3 @@ def _prompt_messages(raw: Any) -> list[dict[str, str]] | None:
     last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
     return None if last_user is None else messages[: last_user + 1]
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a dataset should read like any other file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 
@@ -40,12 +41,16 @@ def _fsync_tree(root: Path) -> None:
 
 
 def atomic_write_text(target: str | Path, text: str) -> None:
-    """Write `target` whole or not at all: a killed writer leaves no half file that a reader would trust."""
+    """Write `target` whole or not at all: a killed writer (or a power cut, the data being fsynced
+    before the rename) leaves no half file that a reader would trust."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}.tmp")  # one per writer
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
