@@ -11,6 +11,14 @@ Results: bench/results/train_packing.{json,md}.
 
     .venv/bin/python bench/train_bench.py [--steps 20] [--methods lora qlora dora]
     .venv/bin/python bench/train_bench.py --packing [--rows 40]
+    .venv/bin/python bench/train_bench.py --vs-baseline [--rounds 2] [--variant NAME KEY=VALUE ...]
+
+`--vs-baseline` runs `train` with its defaults against bench/hf_baseline.py (a plain Hugging Face
+Trainer + PEFT script, what LLaMA-Factory does inside), alternating, on the first 200 sales chats:
+LoRA r16 all-linear, alpha 32, dropout 0, batch 4, cutoff 256, lr 2e-4, cosine, 20 steps, gradient
+checkpointing, fp32. Reports conversations/s, non-pad tokens/s and peak RSS as ratios to the
+baseline, the loss per step, and each adapter's loss on 100 held-out chats.
+Results: bench/results/train_speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -132,6 +140,126 @@ def packing_bench(n_rows: int, out: Path) -> None:
     results_io.write(out, {"meta": info, "results": results}, lines)
 
 
+SALES = ROOT / "examples" / "data" / "sales_chat.jsonl"
+SPEED_SETTINGS = ["max_length=256", "method=lora", "rank=16", "alpha=32", "dropout=0", "target_modules=all-linear",
+                  "batch_size=4", "grad_accum=1", "learning_rate=0.0002", "lr_scheduler=cosine", "warmup_ratio=0",
+                  "gradient_checkpointing=true", "eval_split=0", "report_to=none", "generation_samples=0",
+                  "resume=never", "save_steps=100000", "eval_steps=100000", "logging_steps=1", "seed=42"]
+
+EVAL_CHILD = """
+import json, sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from kernel.models import resolve_base_model
+from training.data.processor import MaskOptions, tokenize_batch
+from training.data.readers import read_jsonl
+base = resolve_base_model("smollm2-135m-instruct")
+tok = AutoTokenizer.from_pretrained(base)
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), sys.argv[1]).eval()
+convs = read_jsonl(sys.argv[2]).conversations[int(sys.argv[3]):]
+total = count = 0.0
+with torch.no_grad():
+    for ex in tokenize_batch(tok, convs, MaskOptions(max_length=256)):
+        if ex is None:
+            continue
+        ids, labels = torch.tensor([ex.input_ids]), torch.tensor([ex.labels])
+        n = int((labels[:, 1:] != -100).sum())
+        total += float(model(input_ids=ids, labels=labels).loss) * n
+        count += n
+print("RESULT", json.dumps({"eval_loss": total / count, "eval_tokens": int(count)}), flush=True)
+"""
+
+
+def _child(cmd: list[str], work: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GUARDTUNE_CACHE": str(work / "cache")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench child {cmd[1:3]} failed:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def run_guardtune(name: str, overrides: list[str], data: Path, steps: int, work: Path) -> dict:
+    run_dir, out = work / f"runs-{name}", work / f"adapter-{name}"
+    args = [f"task=bench-{name}", "base_model=smollm2-135m-instruct", f"train_file={data}", f"max_steps={steps}",
+            f"run_dir={run_dir}", f"output_dir={out}", *SPEED_SETTINGS, *overrides]
+    proc = _child([sys.executable, "-c", CHILD, *args], work)
+    steps_log = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_log = [{"step": r["step"], "loss": r["loss"], "s_per_step": r["s_per_step"]} for r in steps_log if "loss" in r]
+    line = next(x for x in proc.stderr.splitlines() if "tokens trained" in x)  # "data: N train / ... T/TOTAL tokens"
+    rows = int(line.split("data:")[1].split("train")[0])
+    sequences = int(line.split("packed into")[1].split()[0]) if "packed into" in line else rows
+    mode = next((x.split("host memory:")[1].strip() for x in proc.stderr.splitlines() if "host memory:" in x), "")
+    return {"steps": steps_log, "rows": rows, "sequences": sequences, "adapter": str(out), "memory_mode": mode,
+            "tokens": int(line.split("tokens trained")[0].split("/")[-1]),
+            "peak_rss_kb": int(proc.stdout.split("PEAK_RSS_KB")[-1].split()[0])}
+
+
+def run_baseline(data: Path, steps: int, work: Path) -> dict:
+    out = work / "baseline"
+    proc = _child([sys.executable, str(ROOT / "bench" / "hf_baseline.py"), str(data), str(out), "--rows", "200",
+                   "--steps", str(steps)], work)
+    return json.loads(proc.stdout.split("RESULT", 1)[1]) | {"adapter": str(out / "adapter")}
+
+
+def speed_summary(name: str, r: dict, batch: int, work: Path) -> dict:
+    """Conversations/s: rows seen (batch x steps x conversations per row) over the summed step time."""
+    train_s = sum(s["s_per_step"] for s in r["steps"])
+    per_row = r["rows"] / r["sequences"]
+    convs = len(r["steps"]) * batch * per_row
+    ev = json.loads(_child([sys.executable, "-c", EVAL_CHILD, r["adapter"], str(SALES), "200"], work)
+                    .stdout.split("RESULT", 1)[1])
+    return {"run": name, "train_s": round(train_s, 1), "conversations_per_s": round(convs / train_s, 3),
+            "non_pad_tokens_per_s": round(convs * r["tokens"] / r["rows"] / train_s, 1),
+            "peak_rss_mb": round(r["peak_rss_kb"] / 1024), "eval_loss": round(ev["eval_loss"], 4),
+            "conversations_per_row": round(per_row, 2), "memory_mode": r.get("memory_mode", ""),
+            "loss": [round(s["loss"], 4) for s in r["steps"]]}
+
+
+def vs_baseline(variants: dict[str, list[str]], rounds: int, steps: int, out: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "cache").mkdir()
+        from kernel.paths import cache_root
+
+        (work / "cache" / "models").symlink_to(cache_root() / "models")  # the materialised base, not rebuilt
+        data = work / "sales200.jsonl"
+        data.write_text("".join(SALES.read_text().splitlines(keepends=True)[:200]))
+        results: list[dict] = []
+        for k in range(rounds):  # alternating, so drift in the machine's speed hits every run alike
+            for name, overrides in [("baseline", None), *variants.items()]:
+                print(f"bench: round {k + 1}, {name} ...", file=sys.stderr, flush=True)
+                r = run_baseline(data, steps, work) if overrides is None else \
+                    run_guardtune(name, overrides, data, steps, work)
+                results.append(speed_summary(name, r, 4, work) | {"round": k + 1})
+                print(f"bench: {results[-1]}", file=sys.stderr, flush=True)
+    write_speed(results, variants, steps, out)
+
+
+def write_speed(results: list[dict], variants: dict[str, list[str]], steps: int, out: Path) -> None:
+    """Medians per run and their ratios to the baseline; the loss per step of round 1."""
+    names = ["baseline", *variants]
+    med = {n: {k: statistics.median(r[k] for r in results if r["run"] == n)
+               for k in ("conversations_per_s", "non_pad_tokens_per_s", "peak_rss_mb", "eval_loss", "train_s")}
+           for n in names}
+    b = med["baseline"]
+    what = {"baseline": "bench/hf_baseline.py", "default": "none: train's defaults"}
+    rows = [[n, what.get(n) or " ".join(variants[n]), round(m["conversations_per_s"], 3),
+             round(m["conversations_per_s"] / b["conversations_per_s"], 2), round(m["non_pad_tokens_per_s"], 1),
+             round(m["non_pad_tokens_per_s"] / b["non_pad_tokens_per_s"], 2), round(m["peak_rss_mb"]),
+             round(m["peak_rss_mb"] / b["peak_rss_mb"], 2), round(m["eval_loss"], 4)] for n, m in med.items()]
+    info = results_io.meta(config=f"SmolLM2-135M-Instruct, first 200 sales chats, LoRA r16 all-linear, alpha 32, "
+                                  f"dropout 0, batch 4, cutoff 256, lr 2e-4 cosine, {steps} steps, gradient "
+                                  "checkpointing, fp32", rounds=max(r["round"] for r in results))
+    lines = [f"Measured {info['date']} on {info['machine']}; {info['config']}; medians of {info['rounds']} "
+             "alternating rounds. Held-out loss: each adapter on sales chats 201-300.", ""]
+    lines += results_io.table(["run", "overrides", "conversations/s", "x baseline", "non-pad tokens/s", "x baseline",
+                               "peak RSS MB", "x baseline", "held-out loss"], rows)
+    lines += ["", "Training loss per step (round 1):", ""]
+    lines += results_io.table(["run", *[str(i + 1) for i in range(steps)]],
+                              [[r["run"], *r["loss"]] for r in results if r["round"] == 1])
+    results_io.write(out, {"meta": info, "median": med, "runs": results}, lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20)
@@ -139,7 +267,14 @@ def main() -> None:
     p.add_argument("--packing", action="store_true", help="compare SFT packing with padding instead")
     p.add_argument("--rows", type=int, default=40, help="--packing: generated chats (one epoch)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--vs-baseline", action="store_true", help="train's defaults against a plain HF Trainer + PEFT")
+    p.add_argument("--rounds", type=int, default=2, help="--vs-baseline: alternating rounds")
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="--vs-baseline: also run `train` with these overrides (repeatable)")
     a = p.parse_args()
+    if a.vs_baseline:
+        variants = {"default": []} | {v[0]: v[1:] for v in a.variant or []}
+        return vs_baseline(variants, a.rounds, a.steps, a.out or ROOT / "bench" / "results" / "train_speed")
     if a.packing:
         return packing_bench(a.rows, a.out or ROOT / "bench" / "results" / "train_packing")
     a.out = a.out or ROOT / "bench" / "results" / "train_methods"

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from kernel.errors import GuardtuneError
 from tests.conftest import tiny_config, write_jsonl
 from training.config import validate
 from training.data.dataset import prepare
-from training.data.processor import IGNORE, MaskOptions, tokenize_conversation
+from training.data.processor import (
+    IGNORE,
+    MaskOptions,
+    _fast_batch,
+    piecewise_for,
+    tokenize_batch,
+    tokenize_conversation,
+)
 from training.data.readers import normalise_row, read_jsonl
+from training.data.workers import ShardPool
 
 CHAT = [
     {"role": "user", "content": "Hi, do you sell batteries?"},
@@ -131,3 +141,119 @@ def test_shipped_examples_are_clean_and_config_validates():
         assert len(res.conversations) == n and not res.bad_rows
     cfg = load_config(ROOT / "examples" / "train_lora.yaml", ["method=qlora", "max_steps=20"])
     assert cfg.train_file.is_file() and cfg.quantized and cfg.task == "sales"
+
+
+# --- the fast path of tokenize_batch (piecewise.py) equals the exact, prefix-rendering path --------------
+
+VARIED = [
+    CHAT,
+    [{"role": "system", "content": "You are Kira, from Kestrel Home Solar."}] + CHAT,
+    [{"role": "user", "content": "Émile asks: ça coûte combien? 😊"}, {"role": "assistant", "content": "Très bien — 日本語もOK。"}],
+    [{"role": "user", "content": "2+2=?"}, {"role": "assistant", "content": "4. It's 4, I'd say; we've 3.14 & 1,000 too!"}],
+    [{"role": "user", "content": "  leading spaces"}, {"role": "assistant", "content": "trailing newline\n"},
+     {"role": "user", "content": "\ttab"}, {"role": "assistant", "content": "ends in a space "}],
+    [{"role": "user", "content": "Say <|im_end|> now"}, {"role": "assistant", "content": "<|im_end|> said.<|im_end|>"}],
+    [{"role": "user", "content": "Lists?"}, {"role": "assistant", "content": "1) one\n2) two\n\n- a  b\n  - c"}],
+    [{"role": "user", "content": "user\nassistant"}, {"role": "assistant", "content": "assistant"}],
+    [{"role": "user", "content": "emoji end 😊"}, {"role": "assistant", "content": "😊"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}] * 6,  # long: truncated below
+]
+OPTIONS = [MaskOptions(max_length=512), MaskOptions(max_length=512, mask_history=True),
+           MaskOptions(max_length=512, train_on_prompt=True), MaskOptions(max_length=512, system_prompt="Be brief."),
+           MaskOptions(max_length=60), MaskOptions(max_length=60, mask_history=True)]
+
+
+def exact(tokenizer, convs, opts):
+    return [tokenize_conversation(tokenizer, c, opts) for c in convs]
+
+
+ASCII = ["the", "Panel", "x", "'s", "'ll", "I'm", "42", "3.14", "1,000", "!", "?", "...", "(", ")", "--",
+         "assistant", "http://a.b/c", "\n", "\n\n"]
+UNICODE = ASCII + ["é", "日本", "😊", " ", "  ", "\t", "\u3000", "\xa0"]
+
+
+def fuzz_chats(n: int, seed: int = 0, *, parts: list[str] = UNICODE, edges: bool = True) -> list[list[dict]]:
+    """Contents drawn from `parts`. edges=False: no whitespace at a content's ends and no added token's
+    text, so the rows take the piecewise route (ASCII parts: the cached-chunk kind of it)."""
+    rng = random.Random(seed)
+    parts = parts + (["<|im_end|>", "<|im_start|>"] if edges else [])
+
+    def content() -> str:
+        text = "".join(rng.choice(parts) + rng.choice(["", " ", " ", "\n"]) for _ in range(rng.randint(1, 12)))
+        return text if edges else text.strip() or "x"
+
+    chats = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.randint(1, 3)):
+            turns += [{"role": "user", "content": content()}, {"role": "assistant", "content": content()}]
+        chats.append(([{"role": "system", "content": content()}] if rng.random() < 0.3 else []) + turns)
+    return chats
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: f"{o.max_length}-{o.mask_history}-{o.train_on_prompt}-"
+                         f"{o.system_prompt is not None}")
+def test_fast_path_equals_exact_path(tokenizer, opts):
+    assert tokenize_batch(tokenizer, VARIED, opts) == exact(tokenizer, VARIED, opts)
+    for chats in (fuzz_chats(150), fuzz_chats(150, edges=False), fuzz_chats(150, parts=ASCII, edges=False)):
+        assert tokenize_batch(tokenizer, chats, opts) == exact(tokenizer, chats, opts)
+
+
+def test_fast_path_takes_ordinary_rows_piecewise(tokenizer):
+    pw = piecewise_for(tokenizer)
+    assert pw is not None and pw.tokenise  # SmolLM2: byte-level BPE with GPT-2's pattern
+    _, routes = _fast_batch(tokenizer, pw, VARIED, MaskOptions(max_length=90))
+    # Contents with whitespace at an end, or an added token's text, take located spans; the row whose
+    # reply also appears in the template's header, and the row over max_length, take the exact path.
+    assert routes == ["piece", "piece", "piece", "piece", "spans", "spans", "piece", "exact", "piece", "exact"]
+    _, routes = _fast_batch(tokenizer, pw, fuzz_chats(150, edges=False), MaskOptions(max_length=4096))
+    assert routes.count("piece") > 140
+
+
+@pytest.mark.parametrize("template, fast", [
+    # Rewrites every content: nothing can be located, so the exact path does every row.
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | upper }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", None),
+    # Trims contents: ordinary rows stay fast; a row with spaces at a content's end falls back.
+    ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", True),
+])
+def test_template_the_fast_path_cannot_follow_falls_back(tokenizer, template, fast):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = template
+    pw = piecewise_for(tok)
+    assert (pw is None) if fast is None else pw.tokenise
+    for opts in OPTIONS[:3]:
+        assert tokenize_batch(tok, VARIED, opts) == exact(tok, VARIED, opts)
+
+
+def test_a_fast_row_that_differs_switches_the_fast_path_off(tokenizer, monkeypatch):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    opts = MaskOptions(max_length=512)
+    pw = piecewise_for(tok)
+    real = pw.row
+    # A fault that trains every token of a piecewise row.
+    monkeypatch.setattr(pw, "row", lambda *a: (lambda r: (r[0], list(r[0])) if isinstance(r, tuple) else r)(real(*a)))
+    with pytest.warns(RuntimeWarning, match="differs from the exact path"):
+        assert tokenize_batch(tok, VARIED, opts) == exact(tok, VARIED, opts)
+    assert piecewise_for(tok) is None  # off for this tokenizer from now on
+
+
+def test_worker_processes_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
+    from training.data import dataset
+
+    rows = [{"messages": c} for c in fuzz_chats(40, seed=1) + VARIED if all(m["content"].strip() for m in c)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    got, starts = {}, []
+    start = ShardPool._start
+    monkeypatch.setattr(ShardPool, "_start", lambda self: starts.append(1) or start(self))
+    for procs in (1, 2):
+        monkeypatch.setenv("GUARDTUNE_CACHE", str(tmp_path / f"cache{procs}"))
+        monkeypatch.setattr(dataset, "cores", lambda: procs)
+        monkeypatch.setattr(dataset, "BATCH", 7)  # several batches per shard: the pool starts
+        cfg = validate(tiny_config(tmp_path, data, eval_split=0.2, shard_rows=20, max_length=128))
+        got[procs] = prepare(cfg, tokenizer, log=lambda m: None)
+    assert starts == [1]  # forked once, for procs=2
+    assert got[1].stats == got[2].stats and got[1].stats.train_rows > 20
+    for split in ("train", "eval"):
+        assert getattr(got[1], split).to_dict() == getattr(got[2], split).to_dict()

@@ -213,11 +213,12 @@ def test_sharded_stream_equals_plain_path_and_caches_shards(tmp_path, tokenizer)
     plain = [tokenize_conversation(tokenizer, c, MaskOptions(max_length=96))
              for c in read_jsonl(data).conversations]
     logs: list[str] = []
-    cfg = validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=5))
+    cfg = validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=5, packing=False))
     first = prepare(cfg, tokenizer, log=logs.append)
     assert first.stats.shards["train"] == [f"train-{i:05d}" for i in range(5)]
     assert rows_of(first.train) == [(e.input_ids, e.labels) for e in plain]
-    one_shard = prepare(validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=1000)), tokenizer, **QUIET)
+    one_shard = prepare(validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=1000, packing=False)),
+                        tokenizer, **QUIET)
     assert rows_of(one_shard.train) == rows_of(first.train)
     again = prepare(cfg, tokenizer, **QUIET)
     assert again.cache_hit and rows_of(again.train) == rows_of(first.train)
@@ -266,7 +267,7 @@ def test_trainer_reshuffles_rows_across_shards_each_epoch(tmp_path, tokenizer, m
     from training.data.packing import collator_for
 
     data = write_jsonl(tmp_path / "d.jsonl", many_rows())
-    cfg = validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=5))
+    cfg = validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=5, packing=False))
     ds = prepare(cfg, tokenizer, **QUIET).train
     index = {tuple(r["input_ids"]): i for i, r in enumerate(ds)}
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, seed=7,

@@ -126,9 +126,11 @@ def test_cli_prints_the_table_and_json():
 
 def test_cli_says_when_host_memory_fast_can_exceed_the_total():
     args = ("-m", "guardtune.cli", "estimate", "examples/train_lora.yaml", "--device", "cpu")
-    bounded, fast = run_cli(*args, timeout=60), run_cli(*args, "host_memory=fast", timeout=60)
-    assert bounded.returncode == 0 and fast.returncode == 0, fast.stderr
-    assert "host_memory fast" in fast.stdout and "host_memory fast" not in bounded.stdout
+    bounded, fast = run_cli(*args, "host_memory=bounded", timeout=60), run_cli(*args, "host_memory=fast", timeout=60)
+    auto = run_cli(*args, timeout=60)
+    assert bounded.returncode == 0 and fast.returncode == 0 and auto.returncode == 0, fast.stderr
+    assert "host_memory fast" in fast.stdout and "note:" not in bounded.stdout
+    assert "host_memory auto, train's default" in auto.stdout
     total = lambda out: next(line for line in out.splitlines() if line.startswith("total"))  # noqa: E731
     assert total(fast.stdout) == total(bounded.stdout)  # the same live tensors; only the note differs
 

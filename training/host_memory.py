@@ -11,9 +11,9 @@ SmolLM2 LoRA, peak RSS was 1.2-1.8x the live tensors. Two settings deal with it:
   the OS when freed, and peak RSS tracks the live tensors that `guardtune estimate` counts (the
   estimate was -5.5% to +11.1% off on 9 configurations). The kernel zeroes every fresh page, so
   steps took 1.38-1.51x as long.
-  `host_memory: fast` keeps glibc's dynamic threshold: quicker, at 1.07-1.24x the peak RSS
-  (bench/results/estimate.md). Bounded is the default because running out of memory loses the
-  run, and being slower does not.
+- `host_memory: fast` keeps glibc's dynamic threshold: quicker, at 1.07-1.24x the peak RSS
+  (bench/results/estimate.md).
+- `host_memory: auto`, the default, picks one of the two from the estimate (memory_mode.py).
 """
 
 from __future__ import annotations
@@ -51,3 +51,4 @@ def configure(mode: str, *, on_cpu: bool) -> str | None:
     except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left as it is
         return None
     return f"host memory: bounded (glibc mmap threshold {BOUNDED_MMAP_THRESHOLD >> 20} MiB)" if ok else None
+

@@ -213,11 +213,19 @@ def trainer_arguments(cfg: TrainConfig, run_dir: Path, total_steps: int, *, has_
         data_seed=cfg.seed,
         # bf16 matmuls are several times slower on CPUs (peft_setup.compute_dtype); TRL defaults to bf16.
         bf16=on_cuda and peft_setup.compute_dtype(cfg) == torch.bfloat16,
+        use_liger_kernel=liger_kernel_applies(cfg, on_cuda=on_cuda),
         report_to="none",
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=on_cuda,
         disable_tqdm=False,
     )
+
+
+def liger_kernel_applies(cfg: TrainConfig, *, on_cuda: bool) -> bool:
+    """Liger's Triton kernels run on CUDA only; the Trainer patches the model (through PEFT) with them."""
+    from transformers.utils import is_liger_kernel_available
+
+    return cfg.liger_kernel and on_cuda and is_liger_kernel_available()
 
 
 def _silent(msg: str) -> None:

@@ -44,7 +44,10 @@ class DataSection(Section):
 
     # training/data/: pretraining blocks, packing, cleaning, sharded tokenisation
     block_size: int | None = Field(None, ge=16, description="pt: tokens per training block; default max_length")
-    packing: bool = Field(False, description="sft: pack short conversations into rows of up to max_length")
+    packing: bool | None = Field(None, description="sft: pack short conversations into rows of up to max_length, "
+                                                   "each attending only to itself (default: on for sft)")
+    group_by_length: bool = Field(False, description="sft without packing: batch rows of similar length together "
+                                                     "(less padding, less random batches)")
     dedup_exact: bool = Field(False, description="drop rows whose normalised text repeats an earlier row")
     dedup_near: float | None = Field(None, gt=0.0, le=1.0, description="drop rows this Jaccard-similar (char "
                                                                         "5-grams, MinHash) to an earlier row")
@@ -68,6 +71,11 @@ class DataSection(Section):
             return (f"packing only applies to stage sft; stage {self.stage} "
                     + ("always packs text into block_size blocks" if self.stage == "pt" else "does not pack")
                     + ": remove packing")
+
+    @rule
+    def group_by_length_only_unpacked(self):
+        if self.group_by_length and (self.packing or self.stage != "sft"):
+            return "group_by_length applies to unpacked sft rows: set packing: false, or remove group_by_length"
 
     @rule
     def pt_trains_every_token(self):
@@ -149,9 +157,12 @@ class OptimisationSection(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     gradient_checkpointing: bool = Field(True, description="recompute activations in backward: less memory, ~30% slower")
-    host_memory: Literal["bounded", "fast"] = Field(
-        "bounded", description="CPU only. bounded: freed tensors of 1 MiB and more go back to the OS at once, so peak "
-                               "RSS tracks `guardtune estimate`; fast: glibc keeps them for reuse (quicker steps, higher peak)")
+    host_memory: Literal["auto", "bounded", "fast"] = Field(
+        "auto", description="CPU only. bounded: freed tensors of 1 MiB and more go back to the OS at once, so peak "
+                            "RSS tracks `guardtune estimate`; fast: glibc keeps them for reuse (quicker steps, up to "
+                            "1.24x the peak); auto: fast unless the estimate says memory is tight")
+    liger_kernel: bool = Field(True, description="CUDA: Liger Kernel's fused RMSNorm, RoPE, SwiGLU and linear "
+                                                 "cross-entropy, when the liger-kernel package is installed")
     seed: int = Field(42, description="model init, data order and sampling")
 
 

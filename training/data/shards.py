@@ -3,7 +3,8 @@
 Rows arrive as a stream of (split, row). Every `shard_rows` rows of a split become one shard, which
 is tokenised and written as an Arrow file, then renamed into place, so a killed run keeps its
 finished shards and the rerun tokenises only the rest. Memory therefore follows the shard size:
-the stream is never held whole, and the finished shards are memory-mapped, not loaded.
+the stream is never held whole, and the finished shards are memory-mapped, not loaded. A shard may
+be tokenised elsewhere (worker processes) while the next one is read; at most two are in flight.
 
 When several processes prepare the same data (torchrun sets LOCAL_RANK/LOCAL_WORLD_SIZE), each
 tokenises every n-th shard and waits for the others' shards on disk; every process then maps all
@@ -26,7 +27,9 @@ from kernel.fsutil import atomic_write_text
 
 SPLITS = ("train", "eval")
 Columns = dict[str, list[np.ndarray]]
-Tokenise = Callable[[list], tuple[Columns, dict[str, int]]]
+Tokenised = tuple[Columns, dict[str, int]]
+# A shard's rows -> its columns and counts, or a callable that waits for them (build's docstring).
+Tokenise = Callable[[list], "Tokenised | Callable[[], Tokenised]"]
 
 
 def local_rank() -> tuple[int, int]:
@@ -46,12 +49,23 @@ def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenis
           ranks: tuple[int, int] | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Tokenise the stream into shards under cache_dir; returns (shard names per split, summed counts).
 
+    `tokenise` may return a callable instead of its result: the shard is then being tokenised
+    elsewhere (worker processes), and the callable waits for it. It is written after the next shard
+    has been read and started, so reading overlaps tokenising.
     `ranks` (rank, world) defaults to the launcher's environment (local_rank())."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     rank, world = ranks or local_rank()
     buffers: dict[str, list] = {s: [] for s in SPLITS}
     names: dict[str, list[str]] = {s: [] for s in SPLITS}
     done = {"tokenised": 0, "reused": 0}
+    pending: list[tuple[str, int, float, object]] = []  # (name, rows, start, result or its callable)
+
+    def write(name: str, n: int, t0: float, result) -> None:
+        columns, counts = result() if callable(result) else result
+        _write_shard(cache_dir, name, columns, counts)
+        done["tokenised"] += 1
+        dt = time.time() - t0
+        log(f"data: tokenised {name}: {n} rows in {dt:.1f}s ({n / max(dt, 1e-9):,.0f} rows/s)")
 
     def flush(split: str) -> None:
         name = f"{split}-{len(names[split]):05d}"
@@ -61,13 +75,9 @@ def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenis
             if (cache_dir / f"{name}.json").is_file():
                 done["reused"] += 1
             else:
-                t0 = time.time()
-                columns, counts = tokenise(buffers[split])
-                _write_shard(cache_dir, name, columns, counts)
-                done["tokenised"] += 1
-                dt = time.time() - t0
-                log(f"data: tokenised {name}: {len(buffers[split])} rows in {dt:.1f}s "
-                    f"({len(buffers[split]) / max(dt, 1e-9):,.0f} rows/s)")
+                pending.append((name, len(buffers[split]), time.time(), tokenise(buffers[split])))
+                while pending and (len(pending) > 1 or not callable(pending[0][3])):
+                    write(*pending.pop(0))
         buffers[split] = []
 
     for split, row in rows:
@@ -77,6 +87,8 @@ def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenis
     for split in SPLITS:
         if buffers[split]:
             flush(split)
+    while pending:
+        write(*pending.pop(0))
     if done["reused"]:
         log(f"data: reused {done['reused']} shards cached by an earlier, unfinished run")
     all_names = [n for s in SPLITS for n in names[s]]
@@ -124,7 +136,7 @@ def _list_array(arrays: list[np.ndarray]):
 
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum([len(a) for a in arrays], out=offsets[1:])
-    values = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, dtype=np.int32)
+    values = np.concatenate(arrays).astype(np.int32, copy=False) if arrays else np.zeros(0, dtype=np.int32)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
 
 

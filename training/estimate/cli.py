@@ -37,7 +37,10 @@ def format_table(cfg: EstimateConfig, est: Estimate) -> str:
     lines.append(f"{'total':<12} {_gib(est.total):>9}  per device, at the {est.moment}")
     if cfg.device == "cpu" and cfg.host_memory == "fast":
         lines.append("note: host_memory fast lets glibc keep freed activations, so peak RSS can exceed this total "
-                     "(measured up to 1.24x here); bounded, train's default, holds to it")
+                     "(measured up to 1.24x here); bounded holds to it")
+    elif cfg.device == "cpu" and cfg.host_memory == "auto":
+        lines.append("note: host_memory auto, train's default, runs fast (peak RSS up to 1.24x this total) unless "
+                     "that comes within 20% of the available memory, then bounded, which holds to it")
     if est.host_offload:
         lines.append(f"{'host':<12} {_gib(est.host_offload):>9}  this device's share, offloaded to CPU memory (not in the total)")
     return "\n".join(lines)

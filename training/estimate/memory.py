@@ -20,10 +20,13 @@ activations freed). Gradients are created during backward and freed by the optim
 (`zero_grad(set_to_none=True)`), so they count at the start only when something keeps them
 alive across micro-batches: gradient accumulation, or DeepSpeed/FSDP gradient buffers.
 
-On CPU the figure is for `train`'s default `host_memory: bounded` (training/host_memory.py), under
-which freed tensors of 1 MiB and more go back to the OS. With `fast`, glibc's heap keeps freed
-activations for reuse: peak RSS was measured 1.07-1.24x the bounded run's (bench/estimate_bench.py).
-That retention depends on allocation order and is not modelled.
+On CPU the figure is for `host_memory: bounded` (training/host_memory.py), under which freed
+tensors of 1 MiB and more go back to the OS. With `fast`, glibc's heap keeps freed activations for
+reuse: peak RSS was measured 1.07-1.24x the bounded run's (bench/estimate_bench.py). That
+retention depends on allocation order and is not modelled; `auto`, train's default, uses this
+estimate with that margin to choose between the two.
+The loss head is counted over every position, as the model's own loss computes it; `train`'s SFT
+applies the head to trained positions only (training/head_loss.py), so its head peak is lower.
 
 Not modelled either: CUDA caching slack, AdamW foreach temporaries on GPU, ZeRO communication buckets, the reference
 model of DPO, and eager (non-SDPA) attention.

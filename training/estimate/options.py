@@ -52,8 +52,8 @@ class EstimateConfig(LoraSection, MethodSection, ModelChoice):
                                                                              "or also parameters (stage 3)")
     fsdp: bool = Field(False, description="FSDP full shard: like ZeRO-3")
     devices: int = Field(1, ge=1, description="data-parallel devices in all (nproc x nnodes)")
-    host_memory: Literal["bounded", "fast"] = Field(
-        "bounded", description="cpu: train's host allocator setting; the estimate holds for bounded")
+    host_memory: Literal["auto", "bounded", "fast"] = Field(
+        "auto", description="cpu: train's host allocator setting; the estimate holds for bounded")
 
     @rule
     def target_modules_are_decoder_linears(self):
@@ -101,6 +101,13 @@ def load_estimate_config(path: str | Path | None, overrides: list[str], *, model
     """A train config (or none) plus key=value overrides, mapped onto the estimate's keys."""
     raw = read_mapping(path, "config") if path else {}
     raw.update(parse_overrides(overrides))
+    return estimate_config(raw, str(path or "estimate"), model=model, model_config=model_config, device=device)
+
+
+def estimate_config(raw: dict, source: str, *, model: str | None = None, model_config: str | None = None,
+                    device: str | None = None) -> EstimateConfig:
+    """A train config's keys (a mapping) onto the estimate's."""
+    raw = dict(raw)
     if "base_model" in raw:
         raw.setdefault("model", raw.pop("base_model"))
     _map_distributed(raw)
@@ -113,7 +120,7 @@ def load_estimate_config(path: str | Path | None, overrides: list[str], *, model
     if device:
         raw["device"] = device
     known = set(EstimateConfig.model_fields) | {"model_config"} | set(TrainConfig.model_fields)
-    return validated(EstimateConfig, raw, str(path or "estimate"), fields=known)
+    return validated(EstimateConfig, raw, source, fields=known)
 
 
 def _map_distributed(raw: dict) -> None:
