@@ -9,13 +9,16 @@ in chunks (`liger_kernel: true`, run.liger_kernel_applies); this path serves CPU
 
 It calls the decoder and the head directly, so it is used only where that is the whole forward:
 a plain model or a PEFT model whose adapters sit inside the layers (not prompt learning), in one
-process (DDP, FSDP and DeepSpeed wrap the forward), with no logit scaling or soft-capping.
+process (DDP and DeepSpeed wrap the forward; FSDP2 shards the model in place and needs its root
+forward), with no logit scaling or soft-capping.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 
 IGNORE = -100
@@ -25,6 +28,8 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 def decoder_and_head(model):
     """(decoder, head) of a model this loss can run directly, else None."""
+    if isinstance(model, FSDPModule) or (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return None  # FSDP2 shards in place, and its root forward must run; other ranks wrap it too
     peft_config = getattr(model, "peft_config", None)
     if peft_config is not None:
         if any(c.is_prompt_learning or getattr(c, "is_adaption_prompt", False) for c in peft_config.values()):
