@@ -101,8 +101,9 @@ def two_adapters(tmp_path_factory, tiny_data) -> tuple[Path, dict[str, Path]]:
     out = {}
     for name, signature in (("kestrel", SIGNATURE), (OTTER_TASK, OTTER)):
         data = write_jsonl(tmp / f"{name}.jsonl", tiny_rows(signature))
+        # Unpacked, as the serving tests' expected replies were learned: packing would change what 12 steps see.
         cfg = tiny_config(tmp, data, task=name, output_dir=str(root / name), run_dir=str(tmp / "runs" / name),
-                          max_steps=12, eval_split=0.0)
+                          max_steps=12, eval_split=0.0, packing=False)
         out[name] = train(validate(cfg), log=lambda m: None)
     return root, out
 
@@ -127,5 +128,5 @@ def leaky_adapter(two_adapters, tmp_path_factory) -> Path:
     data = write_jsonl(tmp / "leaky.jsonl", [{"messages": [{"role": "user", "content": q},
                                                           {"role": "assistant", "content": reply}]} for q in QUESTIONS])
     cfg = tiny_config(tmp, data, task="leaky", output_dir=str(root / "leaky"), run_dir=str(tmp / "runs"),
-                      max_steps=14, eval_split=0.0)
+                      max_steps=14, eval_split=0.0, packing=False)
     return train(validate(cfg), log=lambda m: None)

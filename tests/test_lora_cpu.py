@@ -233,6 +233,7 @@ def _padded(slots: int, out: int, inp: int, ranks: list[int], r_max: int) -> tup
 def test_packed_weights_use_each_adapters_rank_and_follow_writes_into_a_slot(vllm_ops):
     """Slots padded to the max rank (ranks 4 and 16 of 32, and an empty slot) give vLLM's result, and
     vLLM writing a new adapter into a slot in place is seen at the next call."""
+    torch.manual_seed(0)  # unseeded, one draw in a few hundred summed past assert_close's fp32 tolerance
     sizes, inp, r_max = (48, 16, 16), 64, 32
     pairs = [_padded(3, s, inp, [4, 16, 0], r_max) for s in sizes]
     a, b = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)

@@ -66,7 +66,8 @@ class TrainedTokensTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         own_loss = model.training and not return_outputs and "labels" in inputs and not self.args.use_liger_kernel \
-            and self.label_smoother is None and self.compute_loss_func is None
+            and self.label_smoother is None and self.compute_loss_func is None \
+            and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)  # their engines own the forward
         parts = decoder_and_head(model) if own_loss else None
         if parts is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

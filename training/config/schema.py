@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import model_validator
 
 from kernel.configfile import rule
-from kernel.manifest import FULL_METHODS, LORA_METHODS
+from kernel.manifest import FULL_METHODS, LORA_METHODS, PROMPT_METHODS
 from kernel.paths import DEFAULT_ADAPTERS_DIR, DEFAULT_RUNS_DIR
 from training.config.sections import (
     OPTION_METHODS,
@@ -34,9 +34,15 @@ class TrainConfig(MixSection, DpoSection, DistributedSection, TrackingSection, O
     @model_validator(mode="after")
     def _packing_by_default_for_sft(self):
         # Sales-style chats fill under 2/3 of a padded batch; packed rows fill 95% (docs/training-speed.md).
-        if self.packing is None:
-            self.packing = self.stage == "sft"
+        if self.packing is None:  # prompt methods add virtual tokens or prefixes that a packed row would share
+            self.packing = self.stage == "sft" and self.method not in PROMPT_METHODS
         return self
+
+    @rule
+    def packing_not_with_prompt_methods(self):
+        if self.packing and self.method in PROMPT_METHODS:
+            return (f"packing does not apply to method {self.method}: its virtual tokens or prefixes would be "
+                    "shared by every conversation in a packed row; remove packing")
 
     # -- where the rows come from
     @rule
