@@ -15,11 +15,11 @@ from pathlib import Path
 from kernel.errors import GuardtuneError
 from training.config import TrainConfig
 from training.estimate import estimate
+from training.estimate.memory import GiB
 from training.estimate.options import estimate_config
 
 FAST_PEAK_FACTOR = 1.25  # fast's peak RSS over bounded's, at most 1.24x on 9 configurations
 HEADROOM = 0.8  # auto keeps the fast peak under this share of the available memory
-GiB = 2**30
 def available_bytes() -> int | None:
     """MemAvailable, or less when this process's cgroup (a container's limit) leaves less."""
     try:
