@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from transformers import Trainer
 
-IGNORE = -100
+from training.data.processor import IGNORE
+
 # Config attributes of models whose logits are transformed after the head (Gemma, Cohere, Granite).
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
