@@ -33,6 +33,7 @@ from bench import results_io  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
+import datasets  # start-up, not tokenising: `train` has it imported (with the Trainer) before prepare
 from transformers import AutoTokenizer
 from kernel.models import resolve_base_model
 from training.config import validate

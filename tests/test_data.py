@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,6 +21,7 @@ from training.data.processor import (
     tokenize_conversation,
 )
 from training.data.readers import normalise_row, read_jsonl
+from training.data.skeleton import Skeletons
 from training.data.workers import ShardPool
 
 CHAT = [
@@ -240,7 +243,7 @@ def test_a_fast_row_that_differs_switches_the_fast_path_off(tokenizer, monkeypat
 
 
 def test_worker_processes_give_the_same_shards(tmp_path, tokenizer, monkeypatch):
-    from training.data import dataset
+    from training.data import dataset, sft_shard
 
     rows = [{"messages": c} for c in fuzz_chats(40, seed=1) + VARIED if all(m["content"].strip() for m in c)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -250,10 +253,83 @@ def test_worker_processes_give_the_same_shards(tmp_path, tokenizer, monkeypatch)
     for procs in (1, 2):
         monkeypatch.setenv("GUARDTUNE_CACHE", str(tmp_path / f"cache{procs}"))
         monkeypatch.setattr(dataset, "cores", lambda: procs)
-        monkeypatch.setattr(dataset, "BATCH", 7)  # several batches per shard: the pool starts
+        monkeypatch.setattr(sft_shard, "BATCH", 7)  # several batches per shard: the pool starts
         cfg = validate(tiny_config(tmp_path, data, eval_split=0.2, shard_rows=20, max_length=128))
         got[procs] = prepare(cfg, tokenizer, log=lambda m: None)
     assert starts == [1]  # forked once, for procs=2
     assert got[1].stats == got[2].stats and got[1].stats.train_rows > 20
     for split in ("train", "eval"):
         assert getattr(got[1], split).to_dict() == getattr(got[2], split).to_dict()
+
+
+def test_workers_start_while_the_shard_is_still_being_read(tmp_path, tokenizer, monkeypatch):
+    """A shard's batches go to the workers as they fill, not once the shard is whole."""
+    from training.data import dataset, sft_shard
+
+    rows = [{"messages": c} for c in fuzz_chats(60, seed=2, edges=False)]
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    read, sent_at = [0], []
+    real_rows, real_submit = dataset._rows, ShardPool.submit
+
+    def counted(*a):
+        for item in real_rows(*a):
+            read[0] += 1
+            yield item
+
+    monkeypatch.setattr(dataset, "_rows", counted)
+    monkeypatch.setattr(ShardPool, "submit", lambda self, b: sent_at.append(read[0]) or real_submit(self, b))
+    monkeypatch.setattr(dataset, "cores", lambda: 2)
+    monkeypatch.setattr(sft_shard, "BATCH", 10)
+    monkeypatch.setenv("GUARDTUNE_CACHE", str(tmp_path / "cache"))
+    got = prepare(validate(tiny_config(tmp_path, data, eval_split=0.0, shard_rows=60, max_length=256)), tokenizer,
+                  log=lambda m: None)
+    assert got.stats.train_rows == 60 and len(sent_at) == 6
+    assert sent_at[:2] == [20, 20] and sent_at[2:] == [30, 40, 50, 60]  # the first waits for a second batch
+
+
+def test_plain_rows_are_put_together_without_rendering(tokenizer):
+    skeletons = Skeletons(tokenizer)
+    rendered = []
+    real = tokenizer.apply_chat_template
+
+    def counting(chats, **kw):
+        rendered.extend([chats] if chats and isinstance(chats[0], dict) else chats)  # one chat, or a batch
+        return real(chats, **kw)
+
+    skeletons.tokenizer = SimpleNamespace(apply_chat_template=counting)
+    opaque = [p for p in ASCII if "/" not in p]  # "/" may be a flag to a template (/no_think): such rows render
+    for chats in (VARIED, fuzz_chats(150), fuzz_chats(150, parts=ASCII, edges=False),
+                  fuzz_chats(150, parts=opaque, edges=False)):
+        rendered.clear()
+        assert skeletons.texts(chats) == real(chats, tokenize=False)
+    # Opaque rows: one render per role sequence to check it, and the learning renders (two per sequence).
+    roles = {tuple(m["role"] for m in c) for c in chats}
+    assert len(rendered) <= 3 * len(roles) < 20
+
+
+@pytest.mark.parametrize("inner", [
+    "{% if '</think>' in m['content'] %}{{ m['content'].split('</think>')[-1] }}{% else %}{{ m['content'] }}{% endif %}",
+    "{% if m['content'] | length > 40 %}[long] {% endif %}{{ m['content'] }}",
+    "{{ m['content'] | replace('\"', \"'\") }}",
+])
+def test_a_template_that_looks_inside_contents_gets_its_own_text(tokenizer, inner):
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n" + inner + "<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chats = VARIED + fuzz_chats(100, parts=ASCII + ['say "hi"', "</think>done", "x" * 60], edges=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not by the batch check: the stand-ins or the opaque rule see to it
+        assert Skeletons(tok).texts(chats) == tok.apply_chat_template(chats, tokenize=False)
+    assert tokenize_batch(tok, chats, OPTIONS[0]) == exact(tok, chats, OPTIONS[0])
+
+
+def test_a_put_together_text_that_differs_turns_skeletons_off(tokenizer):
+    """A template that branches on a word the stand-ins lack: caught when a batch's first row has it."""
+    tok = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if 'refund' in m['content'] %}"
+                         "(flagged) {% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    chats = [[{"role": "user", "content": "I want a refund"}, {"role": "assistant", "content": "Sure."}]] * 3
+    skeletons = Skeletons(tok)
+    with pytest.warns(RuntimeWarning, match="differs from the rendered text"):
+        assert skeletons.texts(chats) == tok.apply_chat_template(chats, tokenize=False)
+    assert not skeletons.on

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from training.data.dataset import prepare
 from training.data.packing import PackedCollator, pack
 from training.data.processor import IGNORE, MaskOptions, tokenize_conversation
 from training.data.readers import read_jsonl
+from training.data.sft_shard import SftShard
 
 QUIET = dict(log=lambda m: None)
 
@@ -242,10 +244,8 @@ def test_sharded_stream_equals_plain_path_and_caches_shards(tmp_path, tokenizer)
 
 def test_ranks_tokenise_alternate_shards(tmp_path, tokenizer):
     """Two ranks (as torchrun would start) share the work: each writes every other shard, both map all."""
-    from training.data.dataset import _sft_shard
-
     convs = read_jsonl(write_jsonl(tmp_path / "d.jsonl", many_rows())).conversations
-    tok = _sft_shard(tokenizer, MaskOptions(max_length=96), packing=False)
+    tok = partial(SftShard, tokenizer, MaskOptions(max_length=96), False)
     results, logs = {}, {0: [], 1: []}
 
     def run(rank):

@@ -1,6 +1,6 @@
 """Build the tokenised train/eval datasets for a config, cached on disk by content.
 
-The cache key covers the data bytes, the tokenizer (vocab and chat template) and every setting that
+The cache key covers the data bytes, the tokenizer (as it serialises, and its chat template) and every setting that
 changes tokens or masks, so a rerun with the same inputs skips tokenisation.
 
 Rows stream from the file through cleaning (cleaning.py) and the train/eval split into shards that
@@ -18,9 +18,8 @@ import json
 import random
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
-
-import numpy as np
 
 from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
@@ -28,13 +27,13 @@ from training.data import shards
 from training.data.cleaning import Cleaner, CleaningCounts
 from training.data.mixing import MixPlan, describe
 from training.data.pretrain import text_blocks
-from training.data.processor import IGNORE, Example, MaskOptions, tokenize_batch
+from training.data.processor import MaskOptions
 from training.data.readers import count_rows, iter_rows, normalise_row, text_row
+from training.data.sft_shard import SftShard
 from training.data.split import eval_count
-from training.data.workers import Flat, ShardPool, cores, flat_batch
+from training.data.workers import ShardPool, cores
 
 CACHE_FORMAT = 2
-BATCH = 1000  # rows per tokenize_batch call: one render call, one task for a worker process
 
 
 @dataclass
@@ -72,9 +71,13 @@ def file_sha256(path: Path) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
+    """The chat template and the whole fast tokenizer (vocabulary, merges, normaliser, added tokens) as
+    it serialises; a slow tokenizer by its vocabulary."""
     h = hashlib.sha256()
     h.update(str(tokenizer.chat_template).encode())
-    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else
+             json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return h.hexdigest()[:16]
 
 
@@ -107,9 +110,9 @@ def prepare(cfg, tokenizer, *, replays: dict[int, Path] | None = None, log=print
     meta: dict = {}
     stream = _rows(cfg, mix, bad, cleaning, meta, log)
     with ShardPool(tokenizer, opts, cores() // shards.local_rank()[1]) as pool, _heap_frozen():
-        tokenise = _pt_shard(tokenizer, cfg.block_size or cfg.max_length) if cfg.stage == "pt" \
-            else _sft_shard(tokenizer, opts, cfg.packing, pool)
-        names, totals = shards.build(cache_dir, stream, tokenise, shard_rows=cfg.shard_rows, log=log)
+        open_shard = partial(_pt_shard, tokenizer, cfg.block_size or cfg.max_length) if cfg.stage == "pt" \
+            else partial(SftShard, tokenizer, opts, cfg.packing, pool)
+        names, totals = shards.build(cache_dir, stream, open_shard, shard_rows=cfg.shard_rows, log=log)
     if bad:
         log(f"data: skipped {len(bad)} bad rows (skip_bad_rows=true); first: {bad[0]}")
     if any(asdict(cleaning).values()):
@@ -179,46 +182,12 @@ def _heap_frozen():
         gc.unfreeze()
 
 
-def _sft_shard(tokenizer, opts: MaskOptions, packing: bool, pool: ShardPool | None = None) -> shards.Tokenise:
-    def tokenise(convs: list):
-        batches = [convs[i:i + BATCH] for i in range(0, len(convs), BATCH)]
-        job = pool.submit(batches) if pool is not None else None
-        if job is None:
-            return _sft_columns([flat_batch(tokenize_batch(tokenizer, b, opts)) for b in batches], opts, packing)
-        return lambda: _sft_columns(job.get(), opts, packing)
-
-    return tokenise
-
-
-def _sft_columns(flats: list[Flat], opts: MaskOptions, packing: bool) -> shards.Tokenised:
-    from training.data.packing import pack  # lazy: loads torch
-
-    counts = dict.fromkeys(("rows", "sequences", "untrainable_rows", "truncated_rows", "trained_tokens",
-                            "total_tokens"), 0)
-    examples = []
-    for ids, labels, lengths, truncated in flats:
-        n = lengths[lengths >= 0]
-        counts["untrainable_rows"] += len(lengths) - len(n)
-        counts["truncated_rows"] += int((truncated | (n == opts.max_length)).sum())
-        counts["trained_tokens"] += int((labels != IGNORE).sum())
-        counts["total_tokens"] += len(ids)
-        ends = np.cumsum(n).tolist()
-        examples += [Example(ids[a:b], labels[a:b]) for a, b in zip([0] + ends, ends)]
-    counts["rows"] = len(examples)
-    if packing:
-        columns = pack(examples, opts.max_length)
-    else:
-        columns = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
-    counts["sequences"] = len(columns["input_ids"])
-    return columns, counts
-
-
-def _pt_shard(tokenizer, block_size: int) -> shards.Tokenise:
-    def tokenise(docs: list) -> tuple[shards.Columns, dict[str, int]]:
+def _pt_shard(tokenizer, block_size: int) -> shards.ListShard:
+    def tokenise(docs: list) -> shards.Tokenised:
         blocks, dropped = text_blocks(tokenizer, docs, block_size)
         n_tokens = int(sum(len(b) for b in blocks))
         return {"input_ids": blocks, "labels": blocks}, {
             "rows": len(docs), "sequences": len(blocks), "trained_tokens": n_tokens, "total_tokens": n_tokens,
             "dropped_tokens": dropped}
 
-    return tokenise
+    return shards.ListShard(tokenise)

@@ -29,6 +29,8 @@ from typing import NamedTuple
 
 from tokenizers import models, pre_tokenizers
 
+from training.data.skeleton import Skeletons
+
 IGNORE = -100
 # Printable ASCII and "\n", no space at either end: " " and "\n" are its only whitespace.
 _PLAIN = re.compile(r"[!-~](?:[ -~\n]*[!-~])?").fullmatch
@@ -77,6 +79,7 @@ class Piecewise:
         self._starts = tuple(added)
         self.wrappers: dict[str, Wrapper] = {}
         self.words: dict[str, tuple[int, ...]] = {}  # " word" chunk -> its tokens
+        self.skeletons = Skeletons(tokenizer)  # the rows' texts, mostly without rendering
 
     def row(self, text: str, chat: list[dict], last_only: bool, all_trained: bool):
         """(input_ids, labels), or Spans when only the spans are safe, or None (not found)."""

@@ -191,7 +191,7 @@ def _fast_batch(tokenizer, pw: Piecewise, convs: list[list[Message]],
                 opts: MaskOptions) -> tuple[list[Example | None], list[str]]:
     """Results, and each row's route: "piece", "spans" or "exact" (tokenize_conversation)."""
     chats = [with_system(c, opts.system_prompt) for c in convs]
-    texts = tokenizer.apply_chat_template(chats, tokenize=False) if chats else []
+    texts = pw.skeletons.texts(chats) if chats else []
     out: list[Example | None] = [None] * len(convs)
     routes = ["piece"] * len(convs)
     spans: dict[int, tuple[str, Spans]] = {}

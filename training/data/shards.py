@@ -4,7 +4,8 @@ Rows arrive as a stream of (split, row). Every `shard_rows` rows of a split beco
 is tokenised and written as an Arrow file, then renamed into place, so a killed run keeps its
 finished shards and the rerun tokenises only the rest. Memory therefore follows the shard size:
 the stream is never held whole, and the finished shards are memory-mapped, not loaded. A shard may
-be tokenised elsewhere (worker processes) while the next one is read; at most two are in flight.
+be tokenised elsewhere (worker processes) while its rows are still being read; at most two are in
+flight.
 
 When several processes prepare the same data (torchrun sets LOCAL_RANK/LOCAL_WORLD_SIZE), each
 tokenises every n-th shard and waits for the others' shards on disk; every process then maps all
@@ -17,8 +18,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import numpy as np
 
@@ -28,8 +30,35 @@ from kernel.fsutil import atomic_write_text
 SPLITS = ("train", "eval")
 Columns = dict[str, list[np.ndarray]]
 Tokenised = tuple[Columns, dict[str, int]]
-# A shard's rows -> its columns and counts, or a callable that waits for them (build's docstring).
-Tokenise = Callable[[list], "Tokenised | Callable[[], Tokenised]"]
+
+
+class Shard(Protocol):
+    """One shard's rows as they arrive. It may start tokenising before it is full (worker processes);
+    done() returns its columns and counts, or a callable that waits for them."""
+
+    def add(self, row) -> None: ...
+
+    def done(self) -> "Tokenised | Callable[[], Tokenised]": ...
+
+
+class ListShard:
+    """A shard that keeps its rows and tokenises them all at done()."""
+
+    def __init__(self, tokenise: Callable[[list], Tokenised]):
+        self.rows: list = []
+        self.add = self.rows.append
+        self._tokenise = tokenise
+
+    def done(self) -> Tokenised:
+        return self._tokenise(self.rows)
+
+
+@dataclass
+class _Filling:
+    name: str
+    shard: Shard | None  # None: another rank writes it, or an earlier run already did
+    rows: int = 0
+    start: float = field(default_factory=time.time)
 
 
 def local_rank() -> tuple[int, int]:
@@ -44,19 +73,19 @@ def is_complete(cache_dir: Path) -> bool:
     return (cache_dir / "stats.json").is_file()
 
 
-def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenise, *, shard_rows: int,
-          log=print, wait_timeout_s: float = 6 * 3600,
+def build(cache_dir: Path, rows: Iterable[tuple[str, object]], open_shard: Callable[[], Shard], *,
+          shard_rows: int, log=print, wait_timeout_s: float = 6 * 3600,
           ranks: tuple[int, int] | None = None) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Tokenise the stream into shards under cache_dir; returns (shard names per split, summed counts).
 
-    `tokenise` may return a callable instead of its result: the shard is then being tokenised
-    elsewhere (worker processes), and the callable waits for it. It is written after the next shard
-    has been read and started, so reading overlaps tokenising.
+    Each shard this process writes gets a fresh `open_shard()` and its rows one by one. A shard whose
+    done() returns a callable is being tokenised elsewhere; it is written once the next shard has been
+    read, so reading overlaps tokenising and at most two shards are in flight.
     `ranks` (rank, world) defaults to the launcher's environment (local_rank())."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     rank, world = ranks or local_rank()
-    buffers: dict[str, list] = {s: [] for s in SPLITS}
     names: dict[str, list[str]] = {s: [] for s in SPLITS}
+    filling: dict[str, _Filling] = {}  # the shard of each split that rows go to now
     done = {"tokenised": 0, "reused": 0}
     pending: list[tuple[str, int, float, object]] = []  # (name, rows, start, result or its callable)
 
@@ -67,26 +96,31 @@ def build(cache_dir: Path, rows: Iterable[tuple[str, object]], tokenise: Tokenis
         dt = time.time() - t0
         log(f"data: tokenised {name}: {n} rows in {dt:.1f}s ({n / max(dt, 1e-9):,.0f} rows/s)")
 
-    def flush(split: str) -> None:
+    def open_(split: str) -> _Filling:
         name = f"{split}-{len(names[split]):05d}"
         mine = sum(len(v) for v in names.values()) % world == rank
         names[split].append(name)
-        if mine:
-            if (cache_dir / f"{name}.json").is_file():
-                done["reused"] += 1
-            else:
-                pending.append((name, len(buffers[split]), time.time(), tokenise(buffers[split])))
-                while pending and (len(pending) > 1 or not callable(pending[0][3])):
-                    write(*pending.pop(0))
-        buffers[split] = []
+        reused = mine and (cache_dir / f"{name}.json").is_file()
+        done["reused"] += reused
+        return _Filling(name, open_shard() if mine and not reused else None)
+
+    def close(split: str) -> None:
+        f = filling.pop(split)
+        if f.shard is not None:
+            pending.append((f.name, f.rows, f.start, f.shard.done()))
+            while pending and (len(pending) > 1 or not callable(pending[0][3])):
+                write(*pending.pop(0))
 
     for split, row in rows:
-        buffers[split].append(row)
-        if len(buffers[split]) >= shard_rows:
-            flush(split)
+        f = filling.get(split) or filling.setdefault(split, open_(split))
+        f.rows += 1
+        if f.shard is not None:
+            f.shard.add(row)
+        if f.rows >= shard_rows:
+            close(split)
     for split in SPLITS:
-        if buffers[split]:
-            flush(split)
+        if split in filling:
+            close(split)
     while pending:
         write(*pending.pop(0))
     if done["reused"]:

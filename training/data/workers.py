@@ -1,8 +1,8 @@
 """Worker processes that tokenise SFT shards while the main process reads the next one.
 
 Tokenising is Python-bound (rendering the chat template, the piecewise fast path), so threads would
-share one core; processes use them all. The pool starts with the first shard of more than one batch
-(a few rows never pay for it), one worker per core, and it is forked: the workers share the loaded
+share one core; processes use them all. The pool starts with the first batch sent to it (sft_shard.py
+sends none for a shard of one batch), one worker per core, and it is forked: the workers share the loaded
 tokenizer and the fast path learned before the fork, and start in milliseconds. Each worker runs its
 tokenizer single-threaded (the cores are the pool's). Results come back as four flat arrays per
 batch (`Flat`), cheap to pickle; the main process packs and writes them in order, so the shards are
@@ -48,13 +48,16 @@ class ShardPool:
         self.processes = processes if "fork" in multiprocessing.get_all_start_methods() else 0
         self._pool = None
 
-    def submit(self, batches: list[list]):
-        """An AsyncResult of the batches' Flats, or None: tokenise them here."""
-        if self.processes < 2 or len(batches) < 2:
-            return None
+    @property
+    def parallel(self) -> bool:
+        """False: tokenise in-process (one core, or no fork)."""
+        return self.processes >= 2
+
+    def submit(self, batch: list):
+        """An AsyncResult of the batch's Flat; the pool forks on the first call."""
         if self._pool is None:
             self._pool = self._start()
-        return self._pool.map_async(_tokenise, batches, chunksize=1)
+        return self._pool.apply_async(_tokenise, (batch,))
 
     def _start(self):
         piecewise_for(self.tokenizer)  # learned once, here: the workers inherit it
