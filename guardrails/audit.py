@@ -19,16 +19,18 @@ A record, as serving writes it (every key but request_id is optional; what is gi
      "prompt": [{"role": ..., "content": ...}, ...],   # the messages the model saw
      "raw_generation": "..." | None,      # what the model wrote; None when blocked before it
      "sent": "...",                       # what the client got
-     "script": {"id": ..., "score": ...} | None,
-     "fallback": {"stage": ..., "variant": ...} | None,
+     "script": {"id": ..., "score": ..., "text": ...} | None,   # compliance's decision: the script or
+     "fallback": {"stage": ..., "variant": ..., "score": ..., "text": ...} | None,  # fallback, and its text
+                                          # (sent in enforce mode; in monitor mode what would have been
+                                          # sent). Records written before `text` was kept lack it.
      "latency_ms": {"input": .., "retrieval": .., "generation": .., "compliance": .., "total": ..}}
 
 Reading: `query` (one page, newest first) and `count` take the same filters (QUERY_FILTERS), so
 `audit_page` pairs them into an offset-paged listing with a next-page offset. Retention: `purge`
 deletes records older than a cut-off, a batch at a time (`guardtune audit purge --older-than-days N`).
 
-`export_badcases` turns fallback/blocked records into a preference dataset in TRL's
-conversational form (prompt messages, chosen = the sent reply, rejected = the raw generation).
+`guardrails.badcases.export_badcases` turns the records of the outcomes where the guard changed (or
+would have changed) the reply into a preference dataset for `train stage=dpo`.
 """
 
 from __future__ import annotations
@@ -39,19 +41,15 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
-from guardrails.outcomes import BLOCKED, FALLBACK
-from guardrails.outcomes import check as check_outcomes
 from kernel.errors import GuardtuneError
-from kernel.fsutil import atomic_write_text
 
 DEFAULT_DB = Path("audit/audit.db")
-CHAT_ROLES = ("system", "user", "assistant")
 QUERY_FILTERS = ("task", "outcome", "session_id", "since")  # what query, count and audit_page all accept
 PURGE_BATCH = 1000  # rows per purge transaction: serving's writes never wait behind a whole purge
 
 
 class AuditBackend(Protocol):
-    """What serving, the CLI and `export_badcases` use; SQLite and PostgreSQL (`guardrails.stores`) implement it.
+    """What serving, the CLI and `guardrails.badcases` use; SQLite and PostgreSQL (`guardrails.stores`) implement it.
 
     `query` and `count` take the same keyword filters (QUERY_FILTERS; all given ones must match):
     `count(**f)` is the total that paging `query(**f, limit=L, offset=O)` walks through, newest first
@@ -174,67 +172,3 @@ def keyset_records(fetch: Callable[[tuple[float, str]], list[tuple]], page: int)
         if len(rows) < page:
             return
         key = (rows[-1][0], rows[-1][1])
-
-
-# --- bad cases -> preference data ---------------------------------------------------------------
-
-def export_badcases(store: AuditBackend, out_path: str | Path, *,
-                    outcomes: Iterable[str] = (FALLBACK, BLOCKED), since: float | None = None,
-                    skipped: list[str] | None = None) -> int:
-    """Write records that fell back or were flagged as TRL conversational preference rows (JSONL).
-
-    One row per record whose raw generation and sent reply both exist and differ:
-    {"prompt": [messages up to the last user turn], "chosen": [{"role": "assistant", "content": sent}],
-     "rejected": [{"role": "assistant", "content": raw_generation}], "meta": {...}}.
-    Records that cannot make a row (e.g. blocked before the model) are not dropped in silence:
-    "request_id: reason" is appended to `skipped`. Returns the number of rows written.
-    """
-    outcomes = check_outcomes(outcomes)
-    out_path = Path(out_path)
-    rows: list[str] = []
-    for record in store.iter_records(outcome=outcomes, since=since):
-        row, reason = _preference_row(record)
-        if row is None:
-            if skipped is not None:
-                skipped.append(f"{record.get('request_id')}: {reason}")
-            continue
-        rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-    atomic_write_text(out_path, "".join(rows))
-    return len(rows)
-
-
-def _preference_row(record: dict[str, Any]) -> tuple[dict | None, str]:
-    raw, sent = record.get("raw_generation"), record.get("sent")
-    if not isinstance(raw, str) or not raw.strip():
-        return None, "no raw generation"
-    if not isinstance(sent, str) or not sent.strip():
-        return None, "no sent reply"
-    if raw.strip() == sent.strip():
-        return None, "sent reply equals raw generation"
-    prompt = _prompt_messages(record.get("prompt"))
-    if prompt is None:
-        return None, "no usable prompt (needs role/content messages with a user turn)"
-    meta = {k: record.get(k) for k in ("request_id", "task", "outcome", "stage")}
-    return {"prompt": prompt,
-            "chosen": [{"role": "assistant", "content": sent}],
-            "rejected": [{"role": "assistant", "content": raw}],
-            "meta": meta}, ""
-
-
-def _prompt_messages(raw: Any) -> list[dict[str, str]] | None:
-    """The messages up to and including the last user turn, as plain role/content dicts."""
-    if not isinstance(raw, list):
-        return None
-    messages: list[dict[str, str]] = []
-    for m in raw:
-        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES:
-            return None
-        content = m.get("content")
-        if isinstance(content, list):  # OpenAI content parts: keep the text
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            return None
-        messages.append({"role": m["role"], "content": content})
-    last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=None)
-    return None if last_user is None else messages[: last_user + 1]
-

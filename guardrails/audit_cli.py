@@ -3,7 +3,7 @@
     guardtune audit [--db PATH] [--task T] [--outcome O] [--session S] [--since ISO_OR_UNIX] [--limit N] [--json]
     guardtune audit show REQUEST_ID [--db PATH]
     guardtune audit purge --older-than-days N [--db PATH]
-    guardtune badcases export [--db PATH] --out FILE [--outcomes fallback,blocked] [--since ISO_OR_UNIX]
+    guardtune badcases export [--db PATH] --out FILE [--outcomes blocked,script,...] [--since ISO_OR_UNIX]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from guardrails import outcomes
-from guardrails.audit import export_badcases
+from guardrails.badcases import PAIRED, export_badcases
 from guardrails.stores import is_url, open_audit_store
 from kernel.cli_util import run_cli
 from kernel.errors import GuardtuneError
@@ -47,13 +47,15 @@ def add_arguments(sub) -> None:
                    help="delete records whose time is more than N days (>= 0, fractions allowed) before now")
     a.set_defaults(fn=run_audit)
 
-    b = sub.add_parser("badcases", help="export fallback/blocked requests as a DPO preference dataset")
+    b = sub.add_parser("badcases", help="export the requests whose reply the guard replaced (or would have) "
+                                        "as a DPO preference dataset")
     actions = b.add_subparsers(dest="badcases_action", required=True)
     e = actions.add_parser("export", help="write TRL conversational prompt/chosen/rejected JSONL")
     _db_arg(e, DEFAULT_DB)
     e.add_argument("--out", required=True, metavar="FILE", help="JSONL file (written atomically)")
-    e.add_argument("--outcomes", default=f"{outcomes.FALLBACK},{outcomes.BLOCKED}",
-                   help=f"comma-separated outcomes to export, of {outcomes.described()}")
+    e.add_argument("--outcomes", default=",".join(PAIRED),
+                   help=f"comma-separated outcomes to export (default: {','.join(PAIRED)}, the ones a pair can "
+                        f"come from), of {outcomes.described()}")
     e.add_argument("--since", type=parse_since, metavar="ISO_OR_UNIX")
     b.set_defaults(fn=run_badcases)
 
@@ -165,15 +167,9 @@ def run_badcases(args: argparse.Namespace) -> int:
     wanted = outcomes.check([o.strip() for o in args.outcomes.split(",") if o.strip()], "--outcomes")
     if not wanted:
         raise GuardtuneError("--outcomes: give at least one outcome, e.g. fallback,blocked")
-    skipped: list[str] = []
     with _open(args.db) as store:
-        written = export_badcases(store, args.out, outcomes=wanted, since=args.since, skipped=skipped)
-    reasons: dict[str, int] = {}
-    for line in skipped:
-        reason = line.rsplit(": ", 1)[-1]  # request ids may hold ": ", reasons do not
-        reasons[reason] = reasons.get(reason, 0) + 1
-    detail = "; ".join(f"{n} {reason}" for reason, n in reasons.items())
-    print(f"wrote {written} rows to {args.out}; skipped {len(skipped)}" + (f" ({detail})" if detail else ""))
+        result = export_badcases(store, args.out, outcomes=wanted, since=args.since)
+    print(result.summary())
     return 0
 
 

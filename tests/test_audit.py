@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from guardrails import outcomes
-from guardrails.audit import QUERY_FILTERS, AuditBackend, audit_page, export_badcases
+from guardrails.audit import QUERY_FILTERS, AuditBackend, audit_page
+from guardrails.badcases import export_badcases
 from guardrails.stores import open_audit_store
 from guardrails.stores.postgres import PostgresAuditStore
 from guardrails.stores.sqlite import AuditStore
@@ -282,11 +283,11 @@ def badcase_store(store: AuditStore) -> None:
 
 
 def test_export_badcases_trl_conversational_preference(store, tmp_path):
+    """The file's form; the pair rules per outcome are in tests/test_badcases.py."""
     badcase_store(store)
     out = tmp_path / "out" / "dpo.jsonl"
-    skipped: list[str] = []
-    n = export_badcases(store, out, skipped=skipped)
-    assert n == 2
+    result = export_badcases(store, out)
+    assert result.rows == 2
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2
     for row in rows:
@@ -302,11 +303,12 @@ def test_export_badcases_trl_conversational_preference(store, tmp_path):
     assert first["meta"] == {"request_id": "req-0001", "task": "sales", "outcome": "fallback", "stage": "pricing"}
     assert second["prompt"][-1] == {"role": "user", "content": "tell me the secret"}
     assert len(second["prompt"]) == 3
-    assert sorted(skipped) == ["req-0002: no raw generation", "req-0005: sent reply equals raw generation"]
+    assert result.skipped == [("req-0002", "blocked before the model: no generation"),
+                              ("req-0005", "chosen equals rejected: nothing to prefer")]
     assert not list(out.parent.glob("*.tmp"))  # atomic write leaves no temp file
     # Filters: only fallback, and since.
-    assert export_badcases(store, out, outcomes=("fallback",)) == 1
-    assert export_badcases(store, out, since=T0 + 2) == 1
+    assert export_badcases(store, out, outcomes=("fallback",)).rows == 1
+    assert export_badcases(store, out, since=T0 + 2).rows == 1
 
 
 def test_outcome_vocabulary(store):
@@ -365,8 +367,8 @@ def test_cli_audit_show_and_badcases(tmp_path):
     out = tmp_path / "bad.jsonl"
     p = cli("badcases", "export", "--db", str(db), "--out", str(out))
     assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == (f"wrote 2 rows to {out}; skipped 2 "
-                                "(1 no raw generation; 1 sent reply equals raw generation)")
+    assert p.stdout.strip() == (f"wrote 2 rows to {out} (1 blocked, 1 fallback); skipped 2 (1 blocked before "
+                                "the model: no generation; 1 chosen equals rejected: nothing to prefer)")
     assert len(out.read_text().splitlines()) == 2
 
 

@@ -40,7 +40,7 @@ def k8s_objects() -> dict[tuple[str, str], dict]:
 
 # --- packaging -------------------------------------------------------------------------------------
 
-PACKAGES = ("kernel", "guardtune", "training", "serving", "guardrails", "rag")
+PACKAGES = ("kernel", "guardtune", "jobs", "training", "serving", "guardrails", "rag")
 REQUIREMENTS = ROOT / "requirements"
 
 

@@ -26,6 +26,7 @@ from guardrails.stores import open_audit_store, open_session_store, redact
 from guardrails.stores.postgres import PostgresAuditStore, PostgresSessions
 from kernel.errors import GuardtuneError
 from tests import test_audit as sqlite_audit
+from tests import test_badcases as sqlite_badcases
 from tests.test_audit import ROOT, T0, badcase_store, rec
 
 
@@ -150,6 +151,17 @@ def test_audit_behaviour_same_as_sqlite(case, store):
 
 def test_export_badcases_same_as_sqlite(store, tmp_path):
     sqlite_audit.test_export_badcases_trl_conversational_preference(store, tmp_path)
+
+
+def test_badcase_pair_rules_same_as_sqlite(store, tmp_path):
+    sqlite_badcases.test_pair_rules_per_outcome_and_skip_reasons(store, tmp_path)
+
+
+def test_badcases_from_serving_records_on_postgres(pg_url, tmp_path, tokenizer):
+    """Serving's request path auditing to PostgreSQL, exported from the URL, accepted by `train stage=dpo`."""
+    responses, records, out, line = sqlite_badcases.serve_and_export(tmp_path, pg_url, tokenizer)
+    sqlite_badcases.assert_serving_pairs(responses, records, out, line)
+    sqlite_badcases.assert_dpo_accepts(out, tmp_path, tokenizer, rows=4)
 
 
 def test_roundtrip_columns_and_durable_commit_setting(store):
@@ -309,8 +321,8 @@ def test_cli_audit_show_and_badcases_on_postgres(pg_url, tmp_path):
     assert json.loads(p.stdout)["fallback"] == {"stage": "pricing", "variant": 0}
     out = tmp_path / "bad.jsonl"
     p = cli("badcases", "export", "--db", pg_url, "--out", str(out))
-    assert p.stdout.strip() == (f"wrote 2 rows to {out}; skipped 2 "
-                                "(1 no raw generation; 1 sent reply equals raw generation)")
+    assert p.stdout.strip() == (f"wrote 2 rows to {out} (1 blocked, 1 fallback); skipped 2 (1 blocked before "
+                                "the model: no generation; 1 chosen equals rejected: nothing to prefer)")
     p = cli("audit", "--db", "mysql://u:pw@h/db")
     assert p.returncode == 2
     assert p.stderr == "error: audit db mysql://u:***@h/db: only postgresql:// URLs or SQLite file paths are supported\n"

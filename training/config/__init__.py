@@ -5,8 +5,8 @@ misspelt key, qlora without 4-bit, merging into a quantized base) into one line 
 what to change, and every broken one is reported at once.
 """
 
-from training.config.loading import load_config, parse_overrides, validate
+from training.config.loading import load_config, parse_overrides, resolve_paths, validate
 from training.config.schema import TrainConfig
 from training.config.sections import DataSource, ReplaySpec
 
-__all__ = ["DataSource", "ReplaySpec", "TrainConfig", "load_config", "parse_overrides", "validate"]
+__all__ = ["DataSource", "ReplaySpec", "TrainConfig", "load_config", "parse_overrides", "resolve_paths", "validate"]

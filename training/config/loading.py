@@ -44,8 +44,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         raw = read_mapping(path, "config")
         base = path.parent
-    # Data paths in a config file are relative to that file, so configs travel with their data;
-    # paths given as overrides are relative to the working directory, as on any command line.
+    resolve_paths(raw, base)
+    raw.update(parse_overrides(overrides or []))
+    return validate(raw, source=str(path) if path else "overrides")
+
+
+def resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    """Make the config's file paths relative to `base` (in place). Data paths in a config file are
+    relative to that file, so configs travel with their data; paths given as overrides are relative
+    to the working directory, as on any command line."""
     for key in ("train_file", "eval_file"):
         if raw.get(key) and not Path(str(raw[key])).is_absolute():
             raw[key] = str(base / str(raw[key]))
@@ -54,8 +61,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         value = str(raw.get(key) or "")
         if (key == "hostfile" or value.endswith(".json")) and value and not Path(value).is_absolute():
             raw[key] = str(base / value)
-    raw.update(parse_overrides(overrides or []))
-    return validate(raw, source=str(path) if path else "overrides")
 
 
 def _relative_mix_paths(raw: dict[str, Any], base: Path) -> None:

@@ -1,0 +1,50 @@
+"""Whether a queued job may start now: its estimated peak must fit in what is free.
+
+Free is the host's available memory (MemAvailable, or the cgroup's limit less its usage, whichever
+is less) less what the running jobs are predicted to need beyond what they already use. A job whose
+peak the estimator cannot predict starts only when nothing else runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jobs.model import Job
+
+GIB = 1 << 30
+
+
+def available_bytes() -> int | None:
+    """MemAvailable, capped by the cgroup v2 limit; None off Linux."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        avail = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            avail = min(avail, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def reason_to_wait(job: Job, running: list[Job], *, max_running: int, headroom: float = 1.1,
+                   available: int | None = None) -> str | None:
+    """None: start it. Else why it waits, in words for the page."""
+    if len(running) >= max_running:
+        return f"{len(running)} job(s) running, the limit is {max_running}"
+    if job.estimate_bytes is None:
+        return "no memory estimate for this model; waiting for the running jobs to finish" if running else None
+    free = available_bytes() if available is None else available
+    if free is None:
+        return None
+    # Running jobs not yet at their peak will still take the rest of it.
+    reserved = sum(max((j.estimate_bytes or 0) - (j.peak_rss_bytes or 0), 0) for j in running)
+    need = int(job.estimate_bytes * headroom)
+    if need > free - reserved:
+        return (f"needs {need / GIB:.1f} GiB (estimate x{headroom}); {max(free - reserved, 0) / GIB:.1f} GiB free"
+                + (f" after {reserved / GIB:.1f} GiB held for running jobs" if reserved else ""))
+    return None

@@ -1,0 +1,1 @@
+"""Where jobs run: `local` (subprocesses on this machine, the default) or `kubernetes`."""

@@ -1,0 +1,88 @@
+"""Promote a finished job's adapter to a serving task: the eval gate first, then serving's admin API.
+
+The gate (one line per check, each passed or not):
+- the job succeeded and its adapter directory holds a valid guardtune.json manifest;
+- eval loss: recorded and finite, and at most `max_eval_loss` when one is set;
+- forgetting: when the run measured it (`eval_forgetting: true`), perplexity on the general set at
+  most `max_ppl_ratio` times the base's; required when `require_forgetting` is set.
+A failed gate is a refusal that names the failed checks. Serving is reached over HTTP only: with a
+shared task store every replica follows the swap (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from jobs.model import Job
+from kernel.errors import GuardtuneError
+from kernel.manifest import Manifest
+
+
+@dataclass
+class GatePolicy:
+    max_eval_loss: float | None = None
+    max_ppl_ratio: float = 2.0
+    require_forgetting: bool = False
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def gate(job: Job, policy: GatePolicy) -> list[Check]:
+    if job.state != "succeeded":
+        return [Check("job", False, f"the job is {job.state}, not succeeded")]
+    path = Path(job.adapter_dir) / "guardtune.json"
+    try:
+        manifest = Manifest.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError) as exc:
+        return [Check("manifest", False, f"{path}: {str(exc).splitlines()[0]}")]
+    checks = [Check("manifest", True, f"{manifest.task}, {manifest.method}, base {manifest.base_model.id}")]
+    loss = manifest.metrics.eval_loss
+    if loss is None or not math.isfinite(loss):
+        checks.append(Check("eval_loss", False, f"no finite eval loss recorded ({loss}); train with an eval split"))
+    else:
+        ok = policy.max_eval_loss is None or loss <= policy.max_eval_loss
+        checks.append(Check("eval_loss", ok, f"{loss:.4f}" + (f" (limit {policy.max_eval_loss})"
+                                                             if policy.max_eval_loss is not None else "")))
+    forgetting = (manifest.metrics.model_extra or {}).get("forgetting")
+    if isinstance(forgetting, dict) and "ppl_ratio" in forgetting:
+        ratio = float(forgetting["ppl_ratio"])
+        checks.append(Check("forgetting", ratio <= policy.max_ppl_ratio,
+                            f"general-set perplexity x{ratio:.3f} of the base (limit x{policy.max_ppl_ratio})"))
+    else:
+        checks.append(Check("forgetting", not policy.require_forgetting,
+                            "not measured (train with eval_forgetting: true)"))
+    return checks
+
+
+def promote(job: Job, task: str, serve_url: str, admin_key: str | None, *, canary_share: float | None = None,
+            timeout_s: float = 600.0) -> dict:
+    """Swap the task on serving (or start a canary); serving's answer, or GuardtuneError with its message."""
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
+    base = serve_url.rstrip("/")
+    if canary_share is None:
+        url, body = f"{base}/admin/tasks/{task}", {"adapter": job.adapter_dir}
+    else:
+        url, body = f"{base}/admin/tasks/{task}/canary", {"path": job.adapter_dir, "share": canary_share}
+    try:
+        r = httpx.put(url, json=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        raise GuardtuneError(f"promote: serving at {base} did not answer: {exc}") from None
+    if r.status_code >= 400:
+        try:
+            msg = r.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            msg = r.text[:300]
+        raise GuardtuneError(f"promote: serving refused ({r.status_code}): {msg}")
+    job.promoted.append({"task": task, "url": base, "at": time.time(), "canary": canary_share})
+    return r.json()
