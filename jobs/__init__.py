@@ -9,6 +9,7 @@ depends on it.
 - executors/: where jobs run (local subprocesses; Kubernetes Jobs or PyTorchJobs);
 - runner.py: the process a local job runs in; progress.py: curves, tokens/s and ETA from its metrics;
 - queue.py: the loop that admits, watches and recovers jobs; promote.py: the eval gate and the swap;
+- replay.py: the gate's replay of a task's recent guarded traffic with the candidate;
 - loop.py: a task's recent bad cases (serving's audit store) -> a DPO job;
 - api.py and app.py: the HTTP API and the page (page/index.html); cli.py: `guardtune platform`.
 """

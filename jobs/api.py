@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from jobs import progress
 from jobs.loop import badcase_job
 from jobs.model import FINISHED, Job
-from jobs.promote import gate, promote
+from jobs.promote import gate, promote, replay_check
 from jobs.submit import BadJob, make_job, parse_body, predicted_peak, problems_of
 from kernel.errors import GuardtuneError
 from training.config import resolve_paths
@@ -126,15 +126,18 @@ async def cancel(job_id: str, p: Platform):
 @router.post("/jobs/{job_id}/promote")
 async def promote_job(job_id: str, body: PromoteBody, p: Platform):
     job = _job(p, job_id)
+    url = body.serve_url or p.settings.serve_url
+    if not url:
+        raise APIError(400, "no serve_url given and the platform has no --serve-url", "no_serve_url")
     checks = gate(job, p.settings.gate)
+    if all(c.passed for c in checks):  # the replay loads the candidate on serving: only a sound one
+        checks.append(await asyncio.to_thread(replay_check, job, body.task, p.settings.gate, p.settings.audit_db,
+                                              url, p.settings.serve_admin_key))
     report = [c.__dict__ for c in checks]
     failed = [c for c in checks if not c.passed]
     if failed:
         raise APIError(409, "the eval gate refused: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
                        "gate_failed", gate=report)
-    url = body.serve_url or p.settings.serve_url
-    if not url:
-        raise APIError(400, "no serve_url given and the platform has no --serve-url", "no_serve_url")
     try:
         served = await asyncio.to_thread(promote, job, body.task, url, p.settings.serve_admin_key,
                                          canary_share=body.canary_share)

@@ -32,6 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-eval-loss", type=float, help="eval gate: refuse a promotion above this eval loss")
     p.add_argument("--max-ppl-ratio", type=float, default=2.0, help="eval gate: general-set perplexity limit vs base")
     p.add_argument("--require-forgetting", action="store_true", help="eval gate: refuse adapters without the check")
+    p.add_argument("--replay-rows", type=int, default=20, help="eval gate: recent guarded requests of the task sent "
+                   "again with the candidate (needs --audit-db; 0: none)")
+    p.add_argument("--max-guard-increase", type=float, default=0.1, help="eval gate: how much the share of replies "
+                   "the guard acts on may grow in the replay")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -41,7 +45,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     max_running=args.max_running, device=args.device, swanlab_url=args.swanlab_url,
                     executor=args.executor, k8s={"namespace": args.k8s_namespace, "image": args.k8s_image,
                                                  "pvc": args.k8s_pvc, "gpus_per_node": args.k8s_gpus_per_node},
-                    gate=GatePolicy(args.max_eval_loss, args.max_ppl_ratio, args.require_forgetting))
+                    gate=GatePolicy(args.max_eval_loss, args.max_ppl_ratio, args.require_forgetting,
+                                    args.replay_rows, args.max_guard_increase))
 
 
 def run(args: argparse.Namespace) -> int:

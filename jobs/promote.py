@@ -4,7 +4,10 @@ The gate (one line per check, each passed or not):
 - the job succeeded and its adapter directory holds a valid guardtune.json manifest;
 - eval loss: recorded and finite, and at most `max_eval_loss` when one is set;
 - forgetting: when the run measured it (`eval_forgetting: true`), perplexity on the general set at
-  most `max_ppl_ratio` times the base's; required when `require_forgetting` is set.
+  most `max_ppl_ratio` times the base's; required when `require_forgetting` is set;
+- replay: the task's recent guarded traffic sent again with the candidate (replay.py); the share the
+  guard acts on may grow by at most `max_guard_increase`. Run when the platform knows serving's audit
+  store and the task has recent traffic.
 A failed gate is a refusal that names the failed checks. Serving is reached over HTTP only: with a
 shared task store every replica follows the swap (docs/serving.md).
 """
@@ -20,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from jobs.model import Job
+from jobs.replay import recent_records, replay
 from kernel.errors import GuardtuneError
 from kernel.manifest import Manifest
 
@@ -29,6 +33,8 @@ class GatePolicy:
     max_eval_loss: float | None = None
     max_ppl_ratio: float = 2.0
     require_forgetting: bool = False
+    replay_rows: int = 20  # 0: no replay
+    max_guard_increase: float = 0.1
 
 
 @dataclass
@@ -63,6 +69,21 @@ def gate(job: Job, policy: GatePolicy) -> list[Check]:
         checks.append(Check("forgetting", not policy.require_forgetting,
                             "not measured (train with eval_forgetting: true)"))
     return checks
+
+
+def replay_check(job: Job, task: str, policy: GatePolicy, audit_db: str | None, serve_url: str,
+                 admin_key: str | None) -> Check:
+    if not audit_db or policy.replay_rows <= 0:
+        return Check("replay", True, "not run: the platform has no --audit-db")
+    records = recent_records(audit_db, task, policy.replay_rows)
+    if not records:
+        return Check("replay", True, f"no recent guarded traffic of task {task} to replay")
+    try:
+        result = replay(records, job.adapter_dir, job.id, serve_url, admin_key)
+    except (GuardtuneError, httpx.HTTPError) as exc:
+        return Check("replay", False, f"could not replay: {exc}")
+    ok = result.candidate_bad <= result.recorded_bad + policy.max_guard_increase
+    return Check("replay", ok, result.detail() + f" (allowed: +{policy.max_guard_increase:.0%})")
 
 
 def promote(job: Job, task: str, serve_url: str, admin_key: str | None, *, canary_share: float | None = None,

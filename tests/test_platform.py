@@ -48,9 +48,9 @@ class PlatformProcess(ChildServer):
 
     ready_path = "/api/settings"
 
-    def __init__(self, workdir: Path, *, serve_url: str | None = None, port: int | None = None):
+    def __init__(self, workdir: Path, *, serve_url: str | None = None, port: int | None = None, args: tuple = ()):
         port = port or free_port()
-        cmd = [sys.executable, "-m", "guardtune.cli", "platform", "--workdir", str(workdir), "--port", str(port)]
+        cmd = [sys.executable, "-m", "guardtune.cli", "platform", "--workdir", str(workdir), "--port", str(port), *args]
         cmd += ["--serve-url", serve_url] if serve_url else []
         super().__init__(cmd, workdir / f"platform-{time.time_ns()}.log", port, ready_timeout=120,
                          env={"HF_HUB_OFFLINE": "1"}, cwd=workdir)
@@ -82,7 +82,8 @@ def serve_and_platform(tmp_path_factory):
     """A guarded `guardtune serve` with no tasks yet, and a platform whose adapters land under its root."""
     work = workdir_with_data(tmp_path_factory.mktemp("platform"))
     with Server({"adapters_root": str(work / "adapters"), "state_file": str(work / "serve-state.json")},
-                work / "serve") as serve, PlatformProcess(work, serve_url=serve.url) as platform:
+                work / "serve") as serve, \
+            PlatformProcess(work, serve_url=serve.url, args=("--audit-db", str(work / "audit.db"))) as platform:
         yield serve, platform, work
 
 
@@ -124,7 +125,7 @@ def test_page_submits_watches_promotes_and_the_adapter_chats(serve_and_platform,
         page.wait_for("!!document.body.dataset.promoted", timeout=300)
         result = page.evaluate("document.getElementById('promote-result').textContent")
         assert page.evaluate("document.body.dataset.promoted") == "yes", result
-        assert "eval_loss ok" in result and "manifest ok" in result, result
+        assert "eval_loss ok" in result and "manifest ok" in result and "replay ok" in result, result
         page.screenshot(shots / "3-promoted.png")
 
     job = httpx.get(f"{platform.url}/api/jobs", timeout=10).json()["jobs"][0]
@@ -187,8 +188,11 @@ def test_the_badcase_loop_turns_a_tasks_bad_cases_into_a_dpo_job_that_promotes(s
     job = wait_job(platform.url, r.json()["id"], lambda j: j["state"] in ("succeeded", "failed"), timeout=600)
     assert job["state"] == "succeeded" and job["config"]["stage"] == "dpo", job.get("error")
     assert job["manifest"]["train_config"]["stage"] == "dpo"
-    r = httpx.post(f"{platform.url}/api/jobs/{job['id']}/promote", json={"task": "loop"}, timeout=300)
+    r = httpx.post(f"{platform.url}/api/jobs/{job['id']}/promote", json={"task": "loop"}, timeout=600)
     assert r.status_code == 200, r.text
+    # The gate replayed the task's recent traffic through serving with the candidate, as a temporary task.
+    replayed = next(c for c in r.json()["gate"] if c["name"] == "replay")
+    assert replayed["passed"] and replayed["detail"].startswith("8 recent requests replayed"), replayed
     assert any(t["task"] == "loop" for t in httpx.get(f"{serve.url}/admin/tasks", timeout=10).json()["tasks"])
     # Too few bad cases for a job: a clear refusal, nothing queued.
     r = httpx.post(f"{platform.url}/api/loop/dpo", json={"task": "other", "audit_db": str(work / "audit.db")},
