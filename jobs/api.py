@@ -12,9 +12,11 @@ import hmac
 import json
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +30,11 @@ from training.config import resolve_paths
 
 PAGE = Path(__file__).parent / "page"
 LOG_CHUNK = 65536
+MAX_BODY = 1 << 20
+# A request that carries any of these came through a proxy: its socket peer says nothing about the client.
+FORWARDING = ("forwarded", "x-forwarded-for", "x-real-ip", "x-forwarded-host")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")  # a Host header naming anything else: DNS rebinding
+TASK = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 
 
 class APIError(Exception):
@@ -50,13 +57,21 @@ def platform_of(request: Request):
     key = p.settings.admin_key
     if key is None:
         client = request.client.host if request.client else ""
-        if client not in ("127.0.0.1", "::1") or "x-forwarded-for" in request.headers:
-            raise APIError(403, "the platform answers loopback callers only until an admin key is set", "admin_disabled")
+        host = _host_name(request.headers.get("host", ""))
+        if client not in ("127.0.0.1", "::1") or any(h in request.headers for h in FORWARDING) \
+                or host not in LOOPBACK_HOSTS:
+            raise APIError(403, "the platform answers direct loopback callers only until an admin key is set "
+                                "(GUARDTUNE_ADMIN_KEY)", "admin_disabled")
         return p
-    given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
         raise APIError(401, "missing or invalid admin key", "invalid_admin_key")
     return p
+
+
+def _host_name(host: str) -> str:
+    """The Host header without its port ("[::1]:8100" -> "[::1]")."""
+    return host.split("]", 1)[0] + "]" if host.startswith("[") else host.rsplit(":", 1)[0]
 
 
 Platform = Annotated[object, Depends(platform_of)]
@@ -66,7 +81,7 @@ pages = APIRouter()
 
 class PromoteBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: str = Field(pattern=TASK)
     serve_url: str | None = Field(None, description="default: the platform's --serve-url")
     canary_share: float | None = Field(None, gt=0, lt=1, description="a share of the task's traffic, sticky per session")
 
@@ -96,12 +111,12 @@ async def check(request: Request, p: Platform):
 
 
 @router.get("/jobs")
-async def list_jobs(p: Platform, limit: int = 100):
+def list_jobs(p: Platform, limit: int = 100):
     return {"jobs": [_summary(j) for j in p.queue.store.list(limit=max(1, min(limit, 500)))]}
 
 
 @router.get("/jobs/{job_id}")
-async def get_job(job_id: str, p: Platform):
+def get_job(job_id: str, p: Platform):  # a plain def: reading the metrics file runs in the thread pool
     job = _job(p, job_id)
     prog = progress.read(job.run_dir, p.executor.log_path(job), job.config)
     return {**_summary(job), "config": job.config, "progress": prog, "manifest": _manifest(job),
@@ -132,14 +147,14 @@ async def promote_job(job_id: str, body: PromoteBody, p: Platform):
     checks = gate(job, p.settings.gate)
     if all(c.passed for c in checks):  # the replay loads the candidate on serving: only a sound one
         checks.append(await asyncio.to_thread(replay_check, job, body.task, p.settings.gate, p.settings.audit_db,
-                                              url, p.settings.serve_admin_key))
+                                              url, _serve_key(p, url)))
     report = [c.__dict__ for c in checks]
     failed = [c for c in checks if not c.passed]
     if failed:
         raise APIError(409, "the eval gate refused: " + "; ".join(f"{c.name}: {c.detail}" for c in failed),
                        "gate_failed", gate=report)
     try:
-        served = await asyncio.to_thread(promote, job, body.task, url, p.settings.serve_admin_key,
+        served = await asyncio.to_thread(promote, job, body.task, url, _serve_key(p, url),
                                          canary_share=body.canary_share)
     except GuardtuneError as exc:
         raise APIError(502, str(exc), "serving_refused", gate=report) from None
@@ -152,7 +167,7 @@ async def promote_job(job_id: str, body: PromoteBody, p: Platform):
 
 class LoopBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    task: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    task: str = Field(pattern=TASK)
     audit_db: str | None = Field(None, description="serving's audit store; default: the platform's --audit-db")
     since_hours: float = Field(24.0, gt=0)
     max_steps: int = Field(50, ge=1)
@@ -179,15 +194,15 @@ async def badcases_to_dpo(body: LoopBody, p: Platform):
 
 
 @router.post("/tasks/{task}/canary/promote")
-async def canary_promote(task: str, p: Platform):
+async def canary_promote(task: Annotated[str, PathParam(pattern=TASK)], p: Platform):
     """The canary's adapter becomes the task's only one (serving's admin API, through the platform)."""
-    return await asyncio.to_thread(_serving, p, "POST", f"/admin/tasks/{task}/canary/promote")
+    return await asyncio.to_thread(_serving, p, "POST", f"/admin/tasks/{quote(task, safe='')}/canary/promote")
 
 
 @router.delete("/tasks/{task}/canary")
-async def canary_rollback(task: str, p: Platform):
+async def canary_rollback(task: Annotated[str, PathParam(pattern=TASK)], p: Platform):
     """Roll the canary back: all of the task's traffic to the stable adapter again."""
-    return await asyncio.to_thread(_serving, p, "DELETE", f"/admin/tasks/{task}/canary")
+    return await asyncio.to_thread(_serving, p, "DELETE", f"/admin/tasks/{quote(task, safe='')}/canary")
 
 
 @router.get("/settings")
@@ -210,13 +225,33 @@ async def plotly_js():
 
 
 async def _raw(request: Request) -> dict:
-    body = await request.body()
-    if len(body) > 1 << 20:
-        raise APIError(413, "the body is over 1 MiB", "too_large")
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype not in ("application/json", "application/yaml", "application/x-yaml", "text/yaml"):
+        # A form or text/plain POST needs no CORS preflight: refusing it keeps other web pages out.
+        raise APIError(415, "send the config as application/json or application/yaml", "unsupported_media_type")
+    body = await _body(request)
     try:
-        return parse_body(body, request.headers.get("content-type", "application/json"))
+        return parse_body(body, ctype)
     except BadJob as exc:
         raise APIError(400, "; ".join(exc.problems), "invalid_body", problems=exc.problems) from None
+
+
+async def _body(request: Request) -> bytes:
+    """The body, refused past MAX_BODY before it is all read."""
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise APIError(413, f"the body is over {MAX_BODY >> 20} MiB", "too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the body is over {MAX_BODY >> 20} MiB", "too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _serve_key(p, url: str) -> str | None:
+    """Serving's admin key goes to the configured serving only, never to a URL a caller names."""
+    return p.settings.serve_admin_key if url == p.settings.serve_url else None
 
 
 def _serving(p, method: str, path: str) -> dict:
@@ -273,7 +308,7 @@ async def _tail(p, job_id: str, path: Path, offset: int, follow: bool):
             offset += len(chunk)
             yield chunk
             continue
-        job = p.queue.store.get(job_id)
+        job = await asyncio.to_thread(p.queue.store.get, job_id)
         if not follow or job is None or job.state in FINISHED:
             return
         await asyncio.sleep(0.5)

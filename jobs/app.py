@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import api
 from jobs.executors.base import Executor
@@ -18,11 +21,14 @@ from jobs.promote import GatePolicy
 from jobs.queue import Queue
 from jobs.store import open_store
 
+log = logging.getLogger("guardtune.platform")
+
 
 @dataclass
 class Settings:
     workdir: Path  # config paths are relative to it; jobs/, runs/ and adapters/ go under it
     store: str = ""  # default <workdir>/platform.db; or a postgresql:// URL shared by instances
+    instance: str = ""  # this instance's name in the store (default: the host name); keep it across restarts
     admin_key: str | None = None  # None: the API answers loopback callers only
     serve_url: str | None = None  # where promotions go by default
     serve_admin_key: str | None = None
@@ -48,8 +54,9 @@ def build(settings: Settings) -> Platform:
     settings.workdir = workdir
     store = open_store(settings.store or workdir / "platform.db")
     executor = _executor(settings, workdir)
-    return Platform(settings, Queue(store, executor, max_running=settings.max_running, poll_s=settings.poll_s),
-                    executor)
+    queue = Queue(store, executor, instance=settings.instance or socket.gethostname(),
+                  max_running=settings.max_running, poll_s=settings.poll_s)
+    return Platform(settings, queue, executor)
 
 
 def _executor(settings: Settings, workdir: Path) -> Executor:
@@ -71,13 +78,32 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         platform.queue.stop()
 
-    app = FastAPI(title="guardtune platform", lifespan=lifespan)
+    # No /docs or /openapi.json: every route here is behind the admin key (docs/platform.md lists them).
+    app = FastAPI(title="guardtune platform", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.platform = platform
     app.include_router(api.router)
     app.include_router(api.pages)
     app.add_exception_handler(api.APIError, api.api_error)
     app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.middleware("http")(_body_limit)
     return app
+
+
+async def _body_limit(request: Request, call_next):
+    if int(request.headers.get("content-length") or 0) > api.MAX_BODY:
+        return api.error_response(413, f"the body is over {api.MAX_BODY >> 20} MiB", "too_large")
+    return await call_next(request)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return api.error_response(exc.status_code, str(exc.detail), "not_found" if exc.status_code == 404 else "http_error")
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("platform: %s %s failed", request.method, request.url.path)
+    return api.error_response(500, f"internal error: {type(exc).__name__}", "internal_error")
 
 
 async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

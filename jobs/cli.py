@@ -15,6 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "and adapters/ go under it (default: the current directory)")
     p.add_argument("--store", default="", help="job store: a SQLite file (default WORKDIR/platform.db) or a "
                    "postgresql:// URL shared by several platform instances")
+    p.add_argument("--instance", default="", help="this instance's name in the store (default: the host name); "
+                   "keep it across restarts (a container's host name changes), distinct per instance")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
     p.add_argument("--serve-url", help="the guardtune serve that promotions go to, e.g. http://127.0.0.1:8000")
@@ -40,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """Keys come from the environment: GUARDTUNE_ADMIN_KEY for this API, GUARDTUNE_SERVE_ADMIN_KEY for serving's."""
-    return Settings(workdir=args.workdir, store=args.store, admin_key=os.environ.get("GUARDTUNE_ADMIN_KEY") or None,
+    return Settings(workdir=args.workdir, store=args.store, instance=args.instance, admin_key=os.environ.get("GUARDTUNE_ADMIN_KEY") or None,
                     serve_url=args.serve_url, audit_db=args.audit_db, serve_admin_key=os.environ.get("GUARDTUNE_SERVE_ADMIN_KEY") or None,
                     max_running=args.max_running, device=args.device, swanlab_url=args.swanlab_url,
                     executor=args.executor, k8s={"namespace": args.k8s_namespace, "image": args.k8s_image,

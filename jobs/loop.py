@@ -7,6 +7,7 @@ eval gate as any job.
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ MIN_PAIRS = 4  # fewer would leave nothing to hold out for the gate's eval loss
 def badcase_job(audit_db: str | Path, task: str, workdir: Path, *, device: str, since_hours: float = 24.0,
                 max_steps: int = 50, beta: float = 0.1, extra: dict | None = None) -> tuple[Job, BadcaseExport]:
     """A queued DPO job on the task's bad cases of the last `since_hours`, or BadJob saying why not."""
-    out = workdir / "data" / "badcases" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    out = workdir / "data" / "badcases" / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.jsonl"
     store = open_audit_store(audit_db)
     try:
         export = export_badcases(store, out, since=time.time() - since_hours * 3600, task=task)
@@ -29,6 +30,6 @@ def badcase_job(audit_db: str | Path, task: str, workdir: Path, *, device: str, 
         store.close()
     if export.rows < MIN_PAIRS:
         raise BadJob([f"{export.summary()}: a DPO job needs at least {MIN_PAIRS} pairs"])
-    raw = {"stage": "dpo", "task": task, "train_file": str(out), "max_steps": max_steps, "beta": beta,
-           "eval_split": 0.2, **(extra or {})}
+    raw = {"eval_split": 0.2, **(extra or {}), "stage": "dpo", "task": task, "train_file": str(out),
+           "max_steps": max_steps, "beta": beta}  # the loop's own keys last: extra keys cannot change them
     return make_job(raw, workdir, device=device), export

@@ -29,6 +29,7 @@ class Job:
     attempts: int = 0  # starts; more than one: resumed after the platform lost it
     error: str | None = None
     exit_code: int | None = None
+    stopped: bool = False  # a cancelled job's run has been stopped by its owner
     promoted: list[dict] = field(default_factory=list)  # {task, url, at, canary}
 
     def sample_rss(self, now: float, rss: int) -> None:

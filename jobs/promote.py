@@ -61,7 +61,7 @@ def gate(job: Job, policy: GatePolicy) -> list[Check]:
         checks.append(Check("eval_loss", ok, f"{loss:.4f}" + (f" (limit {policy.max_eval_loss})"
                                                              if policy.max_eval_loss is not None else "")))
     forgetting = (manifest.metrics.model_extra or {}).get("forgetting")
-    if isinstance(forgetting, dict) and "ppl_ratio" in forgetting:
+    if isinstance(forgetting, dict) and isinstance(forgetting.get("ppl_ratio"), (int, float)):
         ratio = float(forgetting["ppl_ratio"])
         checks.append(Check("forgetting", ratio <= policy.max_ppl_ratio,
                             f"general-set perplexity x{ratio:.3f} of the base (limit x{policy.max_ppl_ratio})"))
@@ -73,7 +73,9 @@ def gate(job: Job, policy: GatePolicy) -> list[Check]:
 
 def replay_check(job: Job, task: str, policy: GatePolicy, audit_db: str | None, serve_url: str,
                  admin_key: str | None) -> Check:
-    if not audit_db or policy.replay_rows <= 0:
+    if policy.replay_rows <= 0:
+        return Check("replay", True, "not run: --replay-rows 0")
+    if not audit_db:
         return Check("replay", True, "not run: the platform has no --audit-db")
     records = recent_records(audit_db, task, policy.replay_rows)
     if not records:
@@ -94,7 +96,7 @@ def promote(job: Job, task: str, serve_url: str, admin_key: str | None, *, canar
     if canary_share is None:
         url, body = f"{base}/admin/tasks/{task}", {"adapter": job.adapter_dir}
     else:
-        url, body = f"{base}/admin/tasks/{task}/canary", {"path": job.adapter_dir, "share": canary_share}
+        url, body = f"{base}/admin/tasks/{task}/canary", {"adapter": job.adapter_dir, "share": canary_share}
     try:
         r = httpx.put(url, json=body, headers=headers, timeout=timeout_s)
     except httpx.HTTPError as exc:

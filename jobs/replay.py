@@ -11,6 +11,7 @@ mode), or the output filter stopped, must not grow by more than the policy allow
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +36,14 @@ class ReplayResult:
 
 
 def recent_records(audit_db: str | Path, task: str, rows: int) -> list[dict]:
+    """The task's last `rows` records of the past week that hold a prompt (oldest first)."""
     store = open_audit_store(audit_db)
     try:
-        found = [r for r in store.iter_records(since=time.time() - WINDOW_S)
-                 if r.get("task") == task and isinstance(r.get("prompt"), list) and r["prompt"]]
+        found = deque((r for r in store.iter_records(since=time.time() - WINDOW_S)
+                       if r.get("task") == task and isinstance(r.get("prompt"), list) and r["prompt"]), maxlen=rows)
     finally:
         store.close()
-    return found[-rows:]
+    return list(found)
 
 
 def replay(records: list[dict], adapter_dir: str, job_id: str, serve_url: str, admin_key: str | None,

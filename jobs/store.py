@@ -33,22 +33,29 @@ class JobStore:
         self.db.execute("INSERT INTO platform_jobs (id, seq, state, doc) VALUES (?, ?, ?, ?)",
                         (job.id, seq, job.state, json.dumps(job.doc())))
 
-    def save(self, job: Job) -> None:
-        self.db.execute("UPDATE platform_jobs SET state = ?, doc = ? WHERE id = ?",
-                        (job.state, json.dumps(job.doc()), job.id))
+    def save(self, job: Job, *, if_state: str | None = None) -> bool:
+        """Write the job; with `if_state`, only while the stored state is still that (False: it changed,
+        e.g. cancelled by an API call meanwhile)."""
+        sql = "UPDATE platform_jobs SET state = ?, doc = ? WHERE id = ?" + (" AND state = ?" if if_state else "")
+        params = (job.state, json.dumps(job.doc()), job.id) + ((if_state,) if if_state else ())
+        return self.db.changed(sql, params) == 1
 
-    def claim(self, job_id: str) -> bool:
-        """Mark a queued job running; False when another instance got there first."""
-        return self.db.changed("UPDATE platform_jobs SET state = 'running' WHERE id = ? AND state = 'queued'",
-                               (job_id,)) == 1
+    def claim(self, job: Job) -> bool:
+        """Store a queued job as running, with its new owner and start (the whole document, at once);
+        False when another instance claimed it first."""
+        return self.db.changed("UPDATE platform_jobs SET state = 'running', doc = ? WHERE id = ? AND state = 'queued'",
+                               (json.dumps(job.doc()), job.id)) == 1
 
     def get(self, job_id: str) -> Job | None:
         row = self.db.one("SELECT doc FROM platform_jobs WHERE id = ?", (job_id,))
         return Job.from_doc(json.loads(row[0])) if row else None
 
-    def list(self, states: tuple[str, ...] | None = None, limit: int = 200) -> list[Job]:
-        rows = self.db.all("SELECT doc, state FROM platform_jobs ORDER BY seq DESC LIMIT ?", (limit,))
-        return [Job.from_doc(json.loads(d)) for d, s in rows if states is None or s in states]
+    def list(self, states: tuple[str, ...] | None = None, limit: int | None = 200) -> list[Job]:
+        """Newest first; `states` filters in the query, so no job of those states is ever cut off by `limit`."""
+        where = f" WHERE state IN ({', '.join('?' for _ in states)})" if states else ""
+        sql = f"SELECT doc FROM platform_jobs{where} ORDER BY seq DESC" + (" LIMIT ?" if limit else "")
+        params = tuple(states or ()) + ((limit,) if limit else ())
+        return [Job.from_doc(json.loads(d)) for (d,) in self.db.all(sql, params)]
 
     def count(self) -> int:
         return self.db.one("SELECT COUNT(*) FROM platform_jobs")[0]

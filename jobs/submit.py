@@ -64,11 +64,14 @@ def make_job(raw: dict, workdir: Path, *, device: str) -> Job:
     raw = dict(raw)
     resolve_paths(raw, workdir)
     task = str(raw.get("task") or "default")
-    raw.setdefault("run_dir", f"runs/{job_id}")
-    raw.setdefault("output_dir", f"adapters/{task}-{job_id}")
-    for key in PATH_KEYS:
-        if not Path(str(raw[key])).is_absolute():
-            raw[key] = str(workdir / str(raw[key]))
+    for key, default in (("run_dir", f"runs/{job_id}"), ("output_dir", f"adapters/{task}-{job_id}")):
+        if not raw.get(key):  # absent, null or empty: the job's own directory
+            raw[key] = default
+        raw[key] = str((workdir / str(raw[key])).resolve())  # an absolute path stays as it is
+    outside = [f"{k} {raw[k]}: must be under the platform's directory {workdir}" for k in PATH_KEYS
+               if not Path(raw[k]).is_relative_to(workdir.resolve())]
+    if outside:
+        raise BadJob(outside)
     problems_of(raw)
     return Job(id=job_id, config=raw, task=task, estimate_bytes=predicted_peak(raw, device))
 

@@ -1,13 +1,14 @@
-"""What the admin API does: swap and delete tasks, reload a stage's store, read the audit trail."""
+"""What the admin API does: swap and delete tasks, run canaries, reload a stage's store, read the audit trail."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from guardrails.audit import audit_page
 from kernel.errors import GuardtuneError
 from serving.errors import APIError
-from serving.registry import AdapterRejected, StateNotSaved, TaskNotFound
+from serving.registry import AdapterRejected, NoCanary, StateNotSaved, TaskNotFound
 from serving.state import ServerState
 
 
@@ -37,7 +38,9 @@ async def audit_records(state: ServerState, request_id: str | None, **query) -> 
 
 
 def list_tasks(state: ServerState) -> dict:
-    return {"tasks": [s.summary() for s in state.registry.tasks.values()]}
+    reg = state.registry
+    return {"tasks": reg.views(), "store": {"target": reg.store.label, "shared": reg.store.shared,
+                                            "version": reg.version, "error": reg.store_error}}
 
 
 async def put_task(state: ServerState, task: str, adapter: str) -> dict:
@@ -45,24 +48,45 @@ async def put_task(state: ServerState, task: str, adapter: str) -> dict:
         raise APIError(400, "task names are letters, digits, '-', '_' and '.' (up to 64)", param="task")
     if task in (state.cfg.base_model, "base"):
         raise APIError(400, f"'{task}' names the base model", param="task")
-    try:
+    with _answers():
         slot = await state.registry.put(task, adapter)
-    except AdapterRejected as exc:
-        raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
-    except StateNotSaved as exc:
-        raise _not_saved(exc) from None
     return slot.summary()
 
 
 async def delete_task(state: ServerState, task: str) -> dict:
-    try:
+    with _answers():
         await state.registry.delete(task)
-    except TaskNotFound as exc:
-        raise APIError(404, str(exc), param="task", code="task_not_found") from None
-    except StateNotSaved as exc:
-        raise _not_saved(exc) from None
     return {"deleted": task}
 
 
-def _not_saved(exc: StateNotSaved) -> APIError:
-    return APIError(500, str(exc), code="state_write_failed")
+async def put_canary(state: ServerState, task: str, adapter: str, share: float) -> dict:
+    with _answers():
+        await state.registry.put_canary(task, adapter, share)
+    return state.registry.view(task)
+
+
+async def promote_canary(state: ServerState, task: str) -> dict:
+    with _answers():
+        await state.registry.promote(task)
+    return state.registry.view(task)
+
+
+async def rollback_canary(state: ServerState, task: str) -> dict:
+    with _answers():
+        await state.registry.rollback(task)
+    return state.registry.view(task)
+
+
+@contextlib.contextmanager
+def _answers():
+    """The registry's refusals as the admin API's errors."""
+    try:
+        yield
+    except TaskNotFound as exc:
+        raise APIError(404, str(exc), param="task", code="task_not_found") from None
+    except NoCanary as exc:
+        raise APIError(404, str(exc), param="task", code="canary_not_found") from None
+    except AdapterRejected as exc:
+        raise APIError(exc.status, str(exc), param="adapter", code="adapter_rejected") from None
+    except StateNotSaved as exc:
+        raise APIError(500, str(exc), code="state_write_failed") from None

@@ -16,9 +16,9 @@ from serving.auth import key_id
 from serving.engines.base import EngineDead, GenParams
 from serving.errors import APIError
 from serving.metrics import RequestRecord
-from serving.pipeline import ChatContext, Intercept
+from serving.pipeline import ChatContext, Intercept, scoped_session
 from serving.protocol import ChatCompletionRequest, Usage, chunk_body, completion_body
-from serving.registry import TaskNotFound
+from serving.registry import STABLE, TaskNotFound
 from serving.stages import BASE
 
 
@@ -26,21 +26,22 @@ class ChatService:
     def __init__(self, state):
         self.s = state  # serving.state.ServerState
 
-    def _target(self, model: str, stack: contextlib.AsyncExitStack):
-        """(slot or None for the base, prompt format, metrics label). A task's slot is looked up and pinned
-        in one step and stays pinned until `stack` closes: a swap while the request waits cannot unload it."""
+    def _target(self, model: str, stack: contextlib.AsyncExitStack, session: str | None):
+        """(slot or None for the base, prompt format, metrics label, version). A task's slot is looked up and
+        pinned in one step and stays pinned until `stack` closes: a swap while the request waits cannot unload
+        it. With a canary running, `session` (scoped) picks the version: the same one for every turn."""
         s = self.s
         if model in (s.cfg.base_model, BASE):
             if not s.serves_base():
                 raise APIError(404, "the base model is not served here (guardrails.base_model: refuse); "
                                     "GET /v1/models lists the tasks", param="model", code="model_not_found")
-            return None, s.base_format, BASE
+            return None, s.base_format, BASE, STABLE
         try:
-            slot = stack.enter_context(s.registry.pinned(model))
+            slot, version = stack.enter_context(s.registry.pinned(model, session))
         except TaskNotFound:
             raise APIError(404, f"unknown model or task '{model}'; GET /v1/models lists what is served",
                            param="model", code="model_not_found") from None
-        return slot, slot.fmt, model
+        return slot, slot.fmt, model, version
 
     def _params(self, req: ChatCompletionRequest, prompt_len: int, fmt) -> GenParams:
         s = self.s
@@ -94,9 +95,12 @@ class ChatService:
         t0 = time.time()
         stack = contextlib.AsyncExitStack()  # the adapter pin and the admission slot, released on every exit
         try:
-            slot, fmt, label = self._target(req.model, stack)
-            ctx = self._context(req, fmt, label, caller)
-            await self._admit(stack, label, t0, slot)
+            principal = key_id(caller) if caller else None
+            session = scoped_session(principal, req.metadata.session_id if req.metadata else None)
+            slot, fmt, label, version = self._target(req.model, stack, session)
+            ctx = self._context(req, fmt, label, principal)
+            ctx.version, ctx.adapter = version, slot.ref.name if slot is not None else "base"
+            await self._admit(stack, ctx, t0, slot)
             intercept = await s.pipeline.run_pre(ctx)
             if intercept is not None:
                 await stack.aclose()
@@ -113,16 +117,16 @@ class ChatService:
             await stack.aclose()
             raise
 
-    def _context(self, req: ChatCompletionRequest, fmt, label: str, caller: str | None) -> ChatContext:
+    def _context(self, req: ChatCompletionRequest, fmt, label: str, principal: str | None) -> ChatContext:
         meta = req.metadata
         return ChatContext(f"chatcmpl-{uuid.uuid4().hex[:24]}", label,
                            [{"role": m.role, "content": m.text()} for m in req.messages],
                            session_id=meta.session_id if meta else None,
                            dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt,
-                           principal=key_id(caller) if caller else None,
+                           principal=principal,
                            names=[m.name for m in req.messages if m.name])
 
-    async def _admit(self, stack: contextlib.AsyncExitStack, label: str, t0: float, slot) -> None:
+    async def _admit(self, stack: contextlib.AsyncExitStack, ctx: ChatContext, t0: float, slot) -> None:
         """Wait for a generation slot. Guard work counts against admission too, so a flood of guarded
         requests queues like any other. Refused (429) and abandoned (499, client gone) waits are recorded.
         A task served by the transformers engine beside vLLM waits in that engine's own queue."""
@@ -132,16 +136,18 @@ class ChatService:
         except (APIError, asyncio.CancelledError) as exc:
             status, code = ((exc.status, exc.code or "rejected") if isinstance(exc, APIError)
                             else (499, "client_disconnected"))
-            self.s.metrics.observe(RequestRecord(time.time(), label, status, code, 0, 0, time.time() - t0, None))
+            self.s.metrics.observe(RequestRecord(time.time(), ctx.task, status, code, 0, 0, time.time() - t0, None,
+                                                 version=ctx.version))
             raise
 
     async def _intercepted(self, req, rid, ctx: ChatContext, hit: Intercept, t0: float):
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        extra = {"guardrails": ctx.report} if ctx.report else None
+        extra = {"version": ctx.version} | ({"guardrails": ctx.report} if ctx.report else {})
         inp = ctx.report.get("input", {})
         self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
                                              time.time() - t0, None, guardrail=outcomes.BLOCKED,
-                                             blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms")))
+                                             blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms"),
+                                             version=ctx.version))
         await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=hit.text, t0=t0)
         if not req.stream:
             return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
@@ -237,8 +243,9 @@ class _Run:
         return Usage(prompt_tokens=p, completion_tokens=self.n_out, total_tokens=p + self.n_out)
 
     def _extra(self):
-        # system_fingerprint names the exact adapter load that served the request (task@id).
-        extra = {"system_fingerprint": self.slot.ref.name if self.slot is not None else "base"}
+        # system_fingerprint names the exact adapter load that served the request (task@id); version says
+        # whether that was the task's stable adapter or its canary.
+        extra = {"system_fingerprint": self.ctx.adapter, "version": self.ctx.version}
         if self.ctx.citations:
             extra["citations"] = self.ctx.citations
         return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
@@ -253,7 +260,7 @@ class _Run:
             time.time(), self.label, status, self.finish, len(self.prompt_ids), self.n_out, time.time() - self.t0,
             self.ttft, guardrail=outcome, stage=out.get("stage"), compliance_score=out.get("score"),
             fallback=f"{out['fallback_stage']}/{out['fallback_variant']}" if out.get("outcome") == "fallback" else None,
-            guard_ms=sum(guard_ms) if guard_ms else None))
+            guard_ms=sum(guard_ms) if guard_ms else None, version=self.ctx.version))
         await audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else outcomes.error(status),
                            raw=self.raw, sent=self.sent, t0=self.t0, ttft=self.ttft)
 
@@ -337,13 +344,16 @@ async def audit_record(pipeline, ctx: ChatContext, *, outcome: str, raw: str | N
     inp = ctx.report.get("input") or {}
     record = {
         "request_id": ctx.request_id, "ts": time.time(), "task": ctx.task, "session_id": ctx.session_id,
+        "version": ctx.version, "adapter": ctx.adapter,
         "api_key_id": ctx.principal,
         "stage": out.get("stage") or ctx.dialogue_stage, "outcome": outcome, "input": inp,
         "retrieved": ctx.report.get("retrieved", []), "prompt": ctx.messages, "raw_generation": raw, "sent": sent,
         "reply": ctx.report.get("reply"),
-        "script": {"id": out["script_id"], "score": out["score"]} if out.get("outcome") == "script" else None,
-        "fallback": ({"stage": out["fallback_stage"], "variant": out["fallback_variant"], "score": out["score"]}
-                     if out.get("outcome") == "fallback" else None),
+        # Compliance's decision with its text: what went out (enforce) or would have (monitor; badcases pairs it).
+        "script": ({"id": out["script_id"], "score": out["score"], "text": out.get("sent")}
+                   if out.get("outcome") == "script" else None),
+        "fallback": ({"stage": out["fallback_stage"], "variant": out["fallback_variant"], "score": out["score"],
+                      "text": out.get("sent")} if out.get("outcome") == "fallback" else None),
         "latency_ms": {"input": inp.get("latency_ms"), "retrieval": ctx.report.get("retrieval_ms"),
                        "compliance": out.get("latency_ms"),
                        "first_token": round(ttft * 1000, 1) if ttft is not None else None,

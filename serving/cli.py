@@ -48,6 +48,12 @@ def add_adapters_arguments(p: argparse.ArgumentParser) -> None:
     put.add_argument("adapter", help="adapter directory (under the server's adapters root)")
     rm = sub.add_parser("delete", help="stop serving a task")
     rm.add_argument("task")
+    canary = sub.add_parser("canary", help="serve a share of a task's sessions with a second adapter")
+    canary.add_argument("task")
+    canary.add_argument("adapter", help="adapter directory (under the server's adapters root)")
+    canary.add_argument("--share", type=float, required=True, help="0..1 of the task's sessions")
+    for action, text in (("promote", "the task's canary becomes its adapter"), ("rollback", "stop the task's canary")):
+        sub.add_parser(action, help=text).add_argument("task")
 
 
 def adapters(args: argparse.Namespace) -> int:
@@ -61,11 +67,15 @@ def adapters(args: argparse.Namespace) -> int:
         with httpx.Client(timeout=120, headers=headers) as client:
             if args.action == "list":
                 resp = client.get(f"{url}/admin/tasks")
-            elif args.action == "put":
+            elif args.action in ("put", "canary"):
                 path = os.path.abspath(args.adapter) if os.path.exists(args.adapter) else args.adapter
-                resp = client.put(f"{url}/admin/tasks/{args.task}", json={"adapter": path})
+                resp = (client.put(f"{url}/admin/tasks/{args.task}", json={"adapter": path}) if args.action == "put"
+                        else client.put(f"{url}/admin/tasks/{args.task}/canary",
+                                        json={"adapter": path, "share": args.share}))
+            elif args.action == "promote":
+                resp = client.post(f"{url}/admin/tasks/{args.task}/canary/promote")
             else:
-                resp = client.delete(f"{url}/admin/tasks/{args.task}")
+                resp = client.delete(f"{url}/admin/tasks/{args.task}" + ("/canary" if args.action == "rollback" else ""))
     except httpx.HTTPError as exc:
         raise GuardtuneError(f"cannot reach {url}: {exc}") from None
     if resp.status_code >= 400:

@@ -52,6 +52,7 @@ class Limits(BaseModel):
 
 # A SQLite file path (a Path) or a postgresql:// URL (kept as a string; a Path would fold its '//').
 StoreTarget = Annotated[Path | str, BeforeValidator(check_target)]
+OptionalStoreTarget = Annotated[Path | str | None, BeforeValidator(lambda v: None if v is None else check_target(v))]
 
 
 class TaskCompliance(BaseModel):
@@ -112,6 +113,11 @@ class ServeConfig(BaseModel):
     adapters_root: Path = DEFAULT_ADAPTERS_DIR
     tasks: dict[str, Path] | None = Field(None, description="task -> adapter dir; default: every adapter under adapters_root")
     state_file: Path | None = Field(None, description="runtime task mapping; default <adapters_root>/.serve-state.json")
+    task_store: OptionalStoreTarget = Field(
+        None, description="the committed task mapping (tasks and canaries) shared by replicas: a SQLite file or a "
+                          "postgresql:// URL, which every replica follows; default: state_file, this server only")
+    task_store_poll_s: float = Field(2.0, gt=0, le=3600, description="how often a replica reads task_store for "
+                                                                     "changes (failed tasks: 5x as long)")
     max_loras: int = Field(4, ge=1)
     max_lora_rank: int = Field(64, ge=1)
     max_model_len: int = Field(2048, ge=64)

@@ -1,4 +1,7 @@
-"""Prometheus metrics (bounded labels only) and the recent-request window behind /dashboard."""
+"""Prometheus metrics (bounded labels only) and the recent-request window behind /dashboard.
+
+The request, latency, token and guardrail metrics carry `version`: "stable", or "canary" for requests a
+task's canary served, so the two compare side by side."""
 
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class RequestRecord:
     fallback: str | None = None  # "<stage>/<variant>" when a fallback went out (or would have, in monitor)
     compliance_score: float | None = None  # nearest-script cosine score
     guard_ms: float | None = None  # input scanning + output compliance time
+    version: str = "stable"  # the task's stable adapter or its canary (serving/registry.py)
 
 
 class ServeMetrics:
@@ -43,7 +47,7 @@ class ServeMetrics:
         # Own registry per app, so several apps (tests) can live in one process; /metrics
         # concatenates it with the default registry, where vLLM puts its vllm:* metrics.
         self.registry = registry = CollectorRegistry()
-        def hist(name, doc, buckets, labels=("task",)):
+        def hist(name, doc, buckets, labels=("task", "version")):
             return Histogram(name, doc, labels, buckets=buckets, registry=registry)
 
         self.e2e = hist("guardtune_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS)
@@ -53,17 +57,18 @@ class ServeMetrics:
         self.prompt_tokens = hist("guardtune_prompt_tokens", "Prompt tokens per request", TOKEN_BUCKETS)
         self.output_tokens = hist("guardtune_output_tokens", "Output tokens per request", TOKEN_BUCKETS)
         self.by_length = hist("guardtune_latency_by_output_length_seconds", "E2E latency by output-length bucket",
-                              LATENCY_BUCKETS, labels=("task", "output_bucket"))
-        self.requests = Counter("guardtune_requests_total", "Requests by status, finish reason and guardrail outcome",
-                                ("task", "status", "finish_reason", "guardrail"), registry=registry)
+                              LATENCY_BUCKETS, labels=("task", "output_bucket", "version"))
+        self.requests = Counter("guardtune_requests_total", "Requests by status, finish reason, guardrail outcome "
+                                "and version (stable or canary)", ("task", "status", "finish_reason", "guardrail",
+                                                                  "version"), registry=registry)
         self.engine_requests = Counter("guardtune_engine_requests_total", "Requests handed to the engine", ("task",),
                                        registry=registry)
-        self.blocks = Counter("guardtune_guardrail_blocks_total", "Inputs blocked, by scanner", ("task", "scanner"),
-                              registry=registry)
+        self.blocks = Counter("guardtune_guardrail_blocks_total", "Inputs blocked, by scanner",
+                              ("task", "scanner", "version"), registry=registry)
         self.redactions = Counter("guardtune_guardrail_redactions_total", "Requests whose input had PII redacted",
                                   ("task",), registry=registry)
         self.fallbacks = Counter("guardtune_guardrail_fallbacks_total", "Fallback replies by stage and variant",
-                                 ("task", "stage", "variant"), registry=registry)
+                                 ("task", "stage", "variant", "version"), registry=registry)
         self.compliance_score = hist("guardtune_compliance_score", "Nearest approved-script cosine score",
                                      (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0))
         self.guard_latency = hist("guardtune_guardrail_latency_seconds", "Input scanning plus output compliance time",
@@ -76,26 +81,26 @@ class ServeMetrics:
         self._lock = threading.Lock()
 
     def observe(self, rec: RequestRecord) -> None:
-        t = rec.task
-        self.requests.labels(t, str(rec.status), rec.finish_reason, rec.guardrail).inc()
+        t, v = rec.task, rec.version
+        self.requests.labels(t, str(rec.status), rec.finish_reason, rec.guardrail, v).inc()
         if rec.status == 200 and rec.guardrail != outcomes.BLOCKED:  # a blocked request never ran the model
-            self.e2e.labels(t).observe(rec.e2e_s)
-            self.prompt_tokens.labels(t).observe(rec.prompt_tokens)
-            self.output_tokens.labels(t).observe(rec.output_tokens)
-            self.by_length.labels(t, length_bucket(rec.output_tokens)).observe(rec.e2e_s)
+            self.e2e.labels(t, v).observe(rec.e2e_s)
+            self.prompt_tokens.labels(t, v).observe(rec.prompt_tokens)
+            self.output_tokens.labels(t, v).observe(rec.output_tokens)
+            self.by_length.labels(t, length_bucket(rec.output_tokens), v).observe(rec.e2e_s)
             if rec.ttft_s is not None:
-                self.ttft.labels(t).observe(rec.ttft_s)
+                self.ttft.labels(t, v).observe(rec.ttft_s)
                 if rec.output_tokens > 1:
-                    self.tpot.labels(t).observe((rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1))
+                    self.tpot.labels(t, v).observe((rec.e2e_s - rec.ttft_s) / (rec.output_tokens - 1))
         if rec.blocked_by:
-            self.blocks.labels(t, rec.blocked_by).inc()
+            self.blocks.labels(t, rec.blocked_by, v).inc()
         if rec.fallback:
             stage, _, variant = rec.fallback.rpartition("/")
-            self.fallbacks.labels(t, stage, variant).inc()
+            self.fallbacks.labels(t, stage, variant, v).inc()
         if rec.compliance_score is not None:
-            self.compliance_score.labels(t).observe(rec.compliance_score)
+            self.compliance_score.labels(t, v).observe(rec.compliance_score)
         if rec.guard_ms is not None:
-            self.guard_latency.labels(t).observe(rec.guard_ms / 1000)
+            self.guard_latency.labels(t, v).observe(rec.guard_ms / 1000)
         with self._lock:
             self._recent.append(rec)
 

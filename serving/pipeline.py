@@ -30,6 +30,8 @@ class ChatContext:
     # What a reply must not repeat: the manifest's system prompt and the client's system turns, taken
     # before retrieval adds its sources (quoting those is what a cited answer does).
     protected: list[str] = field(default_factory=list)
+    version: str = "stable"  # which of the task's adapters serves it: "stable", or "canary" (serving/registry.py)
+    adapter: str = "base"  # the adapter load that serves it (task@id), as system_fingerprint names it
 
     def __post_init__(self):
         if not self.protected:
@@ -38,10 +40,14 @@ class ChatContext:
 
     @property
     def scoped_session(self) -> str | None:
-        """The session as stored: one key's "s-1" is never another key's."""
-        if self.session_id is None:
-            return None
-        return hashlib.sha256(f"{self.principal or ''}\0{self.session_id}".encode()).hexdigest()[:32]
+        return scoped_session(self.principal, self.session_id)
+
+
+def scoped_session(principal: str | None, session_id: str | None) -> str | None:
+    """The session as stored (and as a canary split sees it): one key's "s-1" is never another key's."""
+    if session_id is None:
+        return None
+    return hashlib.sha256(f"{principal or ''}\0{session_id}".encode()).hexdigest()[:32]
 
 
 @dataclass

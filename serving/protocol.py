@@ -168,6 +168,12 @@ class TaskPut(BaseModel):  # PUT /admin/tasks/{task}: the adapter directory to s
     adapter: str = Field(min_length=1, max_length=4096)
 
 
+class CanaryPut(BaseModel):  # PUT /admin/tasks/{task}/canary: a second adapter for a share of the task's sessions
+    model_config = ConfigDict(extra="forbid")
+    adapter: str = Field(min_length=1, max_length=4096)
+    share: float = Field(ge=0.0, le=1.0, strict=True, allow_inf_nan=False)
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

@@ -20,9 +20,10 @@ from serving.config import ServeConfig
 from serving.engines import make_engine
 from serving.pipeline import Pipeline
 from serving.prompts import PromptRenderer
-from serving.registry import AdapterRejected, TaskRegistry
+from serving.registry import TaskRegistry
 from serving.stages import Audit, ComplianceStage, GuardScope, ModerationStage, OutputStage, RetrievalStage
 from serving.state import ServerState
+from serving.task_store import open_task_store
 
 log = logging.getLogger("guardtune.serve")
 ENGINE_DIED_EXIT = 3
@@ -54,6 +55,7 @@ async def start_state(state: ServerState) -> None:
 
     cfg = state.cfg
     t0 = time.time()
+    store = await asyncio.to_thread(open_task_store, cfg.task_store, cfg.resolved_state_file())  # a bad URL fails now
     state.base_dir = base_dir = await asyncio.to_thread(resolve_base_model, cfg.base_model, log=log.info)
     tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, base_dir)
     state.renderer = PromptRenderer(tok)
@@ -65,20 +67,30 @@ async def start_state(state: ServerState) -> None:
     await state.engine.start()
     log.info("engine %s on %s ready in %.1f s", state.engine.name, base_dir, time.time() - t0)
     state.registry = TaskRegistry(state.engine, base_sha256=base_sha, adapters_root=cfg.adapters_root,
-                                  max_lora_rank=cfg.max_lora_rank, state_file=cfg.resolved_state_file(),
+                                  max_lora_rank=cfg.max_lora_rank, store=store,
                                   on_swap=lambda task: state.metrics.swaps.labels(task).inc())
-    committed = state.registry.committed_mapping()
-    mapping = committed if committed is not None else {t: str(p) for t, p in cfg.initial_tasks().items()}
-    for task, path in mapping.items():
-        try:
-            await state.registry.put(task, path, persist=False)
-        except AdapterRejected as exc:
-            log.error("task %s not served: %s", task, exc)
+    await state.registry.start(cfg.initial_tasks())  # the last committed mapping wins over the config's tasks
     log.info("serving tasks: %s", ", ".join(state.registry.tasks) or "(none)")
     if cfg.guardrails is not None or cfg.rag:
         await asyncio.to_thread(embed, ["warm-up"])  # load the encoder now, not on the first guarded request
     state.ready = True
     state.watchdog = asyncio.get_running_loop().create_task(watch_engine(state))
+    if store.shared:
+        log.info("following task store %s every %g s", store.label, cfg.task_store_poll_s)
+        state.follower = asyncio.get_running_loop().create_task(follow_task_store(state, cfg.task_store_poll_s))
+
+
+async def follow_task_store(state: ServerState, every_s: float) -> None:
+    """Replicas share the task mapping: apply what another replica committed, within `every_s`. Nothing here
+    stops the server: a failure is logged and shown in GET /admin/tasks, and tried again."""
+    while True:
+        await asyncio.sleep(every_s)
+        if not state.ready:  # the engine is restarting: its adapters are being loaded again
+            continue
+        try:
+            await state.registry.sync(retry_s=5 * every_s)
+        except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
+            log.error("following the task store failed: %s: %s", type(exc).__name__, exc)
 
 
 async def watch_engine(state: ServerState, interval: float = 0.2) -> None:
@@ -104,7 +116,7 @@ async def _restart_engine(state: ServerState) -> bool:
     try:
         t0 = time.time()
         await state.engine.restart()
-        for slot in list(state.registry.tasks.values()):  # same ids, so fingerprints stay valid
+        for slot in state.registry.slots():  # tasks and canaries, same ids, so fingerprints stay valid
             await state.engine.load_adapter(slot.ref)
         log.info("engine restarted in %.1f s; serving tasks: %s", time.time() - t0,
                  ", ".join(state.registry.tasks) or "(none)")
@@ -144,10 +156,13 @@ async def lifespan(app: FastAPI):
         task.cancel()
         if retention is not None:
             retention.cancel()
-        if state.watchdog is not None:
-            state.watchdog.cancel()
+        for background in (state.watchdog, state.follower):
+            if background is not None:
+                background.cancel()
         if state.engine is not None:
             await state.engine.shutdown()
+        if state.registry is not None:
+            state.registry.store.close()
         if state.exit_code is not None:  # uvicorn would re-raise SIGTERM (a clean stop to systemd)
             logging.shutdown()
             os._exit(state.exit_code)

@@ -41,6 +41,7 @@ class ServerState:
     ready: bool = False
     started_at: float = field(default_factory=time.time)
     watchdog: asyncio.Task | None = None
+    follower: asyncio.Task | None = None  # follows a shared task store (serving/startup.py)
     exit_code: int | None = None  # set when the server must stop with a failure status (on_engine_death: exit)
 
     @classmethod

@@ -517,7 +517,7 @@ def test_the_platform_queue_runs_a_job_on_kubernetes(fake, tmp_path):
 
     runs = KubernetesRuns(KubernetesExecutor(fake.api_client(), namespace=NS, mount_path=str(tmp_path)),
                           tmp_path / "jobs", gpus_per_node=1)
-    queue = Queue(open_store(tmp_path / "platform.db"), runs, max_running=1)
+    queue = Queue(open_store(tmp_path / "platform.db"), runs, instance="test", max_running=1)
     cfg = {"task": "sales", "train_file": str(tmp_path / "d.jsonl"), "run_dir": str(tmp_path / "runs" / "j-1"),
            "output_dir": str(tmp_path / "adapters" / "sales-j-1")}
     queue.submit(Job(id="j-20261129-0002", config=cfg, task="sales", estimate_bytes=1 << 30))

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from jobs.admission import reason_to_wait
+from jobs.admission import never_fits, reason_to_wait
 from jobs.model import Job
 from jobs.store import open_store
 from serving.launcher import ChildServer, free_port
@@ -125,7 +125,8 @@ def test_page_submits_watches_promotes_and_the_adapter_chats(serve_and_platform,
         page.wait_for("!!document.body.dataset.promoted", timeout=300)
         result = page.evaluate("document.getElementById('promote-result').textContent")
         assert page.evaluate("document.body.dataset.promoted") == "yes", result
-        assert "eval_loss ok" in result and "manifest ok" in result and "replay ok" in result, result
+        assert "eval_loss ok" in result and "manifest ok" in result, result
+        assert "replay ok (no recent guarded traffic of task e2e to replay)" in result, result
         page.screenshot(shots / "3-promoted.png")
 
     job = httpx.get(f"{platform.url}/api/jobs", timeout=10).json()["jobs"][0]
@@ -150,7 +151,21 @@ def test_bad_config_is_a_400_listing_every_problem(serve_and_platform):
     r = httpx.post(f"{platform.url}/api/jobs", content=b"task: [unclosed", timeout=30,
                    headers={"Content-Type": "application/yaml"})
     assert r.status_code == 400 and "not valid YAML" in r.json()["error"]["message"]
-    assert httpx.get(f"{platform.url}/api/jobs/nope", timeout=10).status_code == 404
+    assert httpx.get(f"{platform.url}/api/jobs/nope", timeout=10).json()["error"]["code"] == "job_not_found"
+    # A web page's form or text/plain POST (no CORS preflight) is refused, and so is a rebound host name.
+    r = httpx.post(f"{platform.url}/api/jobs", content=b'{"config": {}}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    r = httpx.get(f"{platform.url}/api/jobs", headers={"Host": "attacker.example"}, timeout=10)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+    r = httpx.get(f"{platform.url}/api/jobs", headers={"X-Real-IP": "203.0.113.9"}, timeout=10)
+    assert r.status_code == 403
+    r = httpx.post(f"{platform.url}/api/jobs", content=b"x" * ((1 << 20) + 1), timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
+    r = httpx.delete(f"{platform.url}/api/tasks/sales%3F/canary", timeout=10)  # no way to reach another route
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.get(f"{platform.url}/api/nothing-here", timeout=10)
+    assert r.status_code == 404 and "error" in r.json()
 
 
 def test_the_gate_refuses_a_job_that_did_not_succeed(serve_and_platform):
@@ -194,6 +209,18 @@ def test_the_badcase_loop_turns_a_tasks_bad_cases_into_a_dpo_job_that_promotes(s
     replayed = next(c for c in r.json()["gate"] if c["name"] == "replay")
     assert replayed["passed"] and replayed["detail"].startswith("8 recent requests replayed"), replayed
     assert any(t["task"] == "loop" for t in httpx.get(f"{serve.url}/admin/tasks", timeout=10).json()["tasks"])
+
+    # A canary from the page's buttons' routes: the page test's adapter takes half of loop's sessions, then is
+    # rolled back; serving reports it meanwhile.
+    e2e = next(j for j in httpx.get(f"{platform.url}/api/jobs", timeout=10).json()["jobs"] if j["task"] == "e2e")
+    r = httpx.post(f"{platform.url}/api/jobs/{e2e['id']}/promote", json={"task": "loop", "canary_share": 0.5},
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    loop = next(t for t in httpx.get(f"{serve.url}/admin/tasks", timeout=10).json()["tasks"] if t["task"] == "loop")
+    assert loop["canary"]["share"] == 0.5 and Path(loop["canary"]["path"]).resolve() == Path(e2e["adapter_dir"]).resolve()
+    assert httpx.delete(f"{platform.url}/api/tasks/loop/canary", timeout=60).status_code == 200
+    loop = next(t for t in httpx.get(f"{serve.url}/admin/tasks", timeout=10).json()["tasks"] if t["task"] == "loop")
+    assert loop["canary"] is None
     # Too few bad cases for a job: a clear refusal, nothing queued.
     r = httpx.post(f"{platform.url}/api/loop/dpo", json={"task": "other", "audit_db": str(work / "audit.db")},
                    timeout=60)
@@ -236,11 +263,17 @@ def test_the_store_survives_reopening_and_a_job_is_claimed_once(backend, tmp_pat
     a, b = open_store(target), open_store(target)  # two platform instances on one store
     job = Job(id="j-1", config={"run_dir": "r", "output_dir": "o"}, task="t")
     a.add(job)
-    assert [a.claim("j-1"), b.claim("j-1")] == [True, False]
-    job.state, job.attempts = "running", 1
-    a.save(job)
+    job.state, job.attempts, job.host = "running", 1, "a"
+    assert [a.claim(job), b.claim(job)] == [True, False]  # the second instance finds it taken
     again = open_store(target).get("j-1")
-    assert again.state == "running" and again.attempts == 1 and again.config == job.config
+    assert again.state == "running" and again.attempts == 1 and again.host == "a" and again.config == job.config
+    # A watcher's save does not undo a cancel made meanwhile through the other instance.
+    cancelled = b.get("j-1")
+    cancelled.state = "cancelled"
+    b.save(cancelled)
+    job.peak_rss_bytes = 1
+    assert a.save(job, if_state="running") is False and a.get("j-1").state == "cancelled"
+    assert [j.id for j in a.list(("cancelled",), limit=None)] == ["j-1"] and a.list(("queued",)) == []
 
 
 def test_admission_waits_for_memory_and_says_why():
@@ -251,3 +284,6 @@ def test_admission_waits_for_memory_and_says_why():
     assert why is not None and "needs 8.8 GiB" in why and "4.0 GiB held for running jobs" in why, why
     assert reason_to_wait(big, running, max_running=2, available=14 * gib) is None
     assert "limit is 1" in reason_to_wait(big, running, max_running=1, available=64 * gib)
+    assert reason_to_wait(big, running, max_running=2, available=1, memory=False) is None  # a cluster places it
+    assert "more than the 7.5 GiB this machine has" in never_fits(big, total=7.5 * gib)
+    assert never_fits(big, total=16 * gib) is None

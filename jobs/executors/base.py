@@ -19,6 +19,7 @@ class RunState:
 
 class Executor(Protocol):
     name: str
+    admits_by_memory: bool  # the queue checks the host's free memory before starting a job
 
     def start(self, job: Job) -> str: ...  # the run's handle
 

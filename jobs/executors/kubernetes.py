@@ -321,6 +321,7 @@ class KubernetesRuns:
     the page reads the runs' metrics.jsonl as for local jobs; the log is the master pod's tail."""
 
     name = "kubernetes"
+    admits_by_memory = False  # the cluster's scheduler places the pods by their memory requests
 
     def __init__(self, k8s: KubernetesExecutor, jobs_dir: Path, *, gpus_per_node: int = 0):
         self.k8s, self.jobs_dir, self.gpus_per_node = k8s, jobs_dir, gpus_per_node

@@ -23,10 +23,13 @@ from jobs.model import Job
 
 class LocalExecutor:
     name = "local"
+    admits_by_memory = True
 
     def __init__(self, jobs_dir: Path, workdir: Path, env: dict | None = None):
         self.jobs_dir, self.workdir = jobs_dir, workdir
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        keys = ("GUARDTUNE_ADMIN_KEY", "GUARDTUNE_SERVE_ADMIN_KEY")  # a training run needs neither
+        self.env = {**{k: v for k, v in os.environ.items() if k not in keys}, "HF_HUB_OFFLINE": "1",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
         self._children: dict[int, subprocess.Popen] = {}
 
     def job_dir(self, job: Job) -> Path:
@@ -38,8 +41,8 @@ class LocalExecutor:
         (d / "config.yaml").write_text(yaml.safe_dump(job.config, sort_keys=False))
         (d / "exit.json").unlink(missing_ok=True)
         with (d / "log.txt").open("ab") as log:
-            if job.attempts:
-                log.write(f"\n[platform] attempt {job.attempts + 1}: resuming (resume: auto)\n".encode())
+            if job.attempts > 1:  # the queue counts this start already
+                log.write(f"\n[platform] attempt {job.attempts}: resuming (resume: auto)\n".encode())
             proc = subprocess.Popen([sys.executable, "-m", "jobs.runner", str(d)], cwd=self.workdir, env=self.env,
                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -49,15 +52,19 @@ class LocalExecutor:
     def state(self, job: Job) -> RunState:
         d = self.job_dir(job)
         pid = int(job.handle) if job.handle else None
-        if pid in self._children:
-            self._children[pid].poll()  # reaps it once it exits
+        child = self._children.get(pid)
+        code = child.poll() if child is not None else None  # reaps it once it exits
         done = _read_json(d / "exit.json")
+        if done is None and pid is not None and _is_runner(pid, d):
+            return RunState("running", rss_bytes=_rss(pid))
+        done = done or _read_json(d / "exit.json")  # it may have finished between the two looks
         if done is not None:
             self._children.pop(pid, None)
             return RunState("succeeded" if done.get("code") == 0 else "failed", done.get("code"),
                             done.get("peak_rss_bytes"))
-        if pid is not None and _is_runner(pid, d):
-            return RunState("running", rss_bytes=_rss(pid))
+        if code is not None:  # our child, killed before it could write its record (a signal: the OOM killer?)
+            self._children.pop(pid, None)
+            return RunState("failed", code)
         return RunState("lost")
 
     def cancel(self, job: Job, grace_s: float = 10.0) -> None:

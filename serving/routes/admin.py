@@ -1,4 +1,4 @@
-"""/admin: tasks and their adapters, stage reloads, the audit trail. Every route needs the admin key
+"""/admin: tasks, their adapters and canaries, stage reloads, the audit trail. Every route needs the admin key
 (or, with none set, a direct loopback caller)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from guardrails import outcomes
 from serving import admin
 from serving.auth import require_admin
 from serving.errors import errors
-from serving.protocol import TaskPut
+from serving.protocol import CanaryPut, TaskPut
 from serving.state import State
 
 router = APIRouter()
@@ -60,3 +60,24 @@ async def delete_task(task: str, request: Request, state: State):
     require_admin(request, state.keys.admin)
     state.require_ready()
     return await admin.delete_task(state, task)
+
+
+@router.put("/admin/tasks/{task}/canary", responses=errors(404, 409, 500, 503))
+async def put_canary(task: str, body: CanaryPut, request: Request, state: State):
+    require_admin(request, state.keys.admin)
+    state.require_ready()
+    return await admin.put_canary(state, task, body.adapter, body.share)
+
+
+@router.post("/admin/tasks/{task}/canary/promote", responses=errors(404, 500, 503))
+async def promote_canary(task: str, request: Request, state: State):
+    require_admin(request, state.keys.admin)
+    state.require_ready()
+    return await admin.promote_canary(state, task)
+
+
+@router.delete("/admin/tasks/{task}/canary", responses=errors(404, 500, 503))
+async def rollback_canary(task: str, request: Request, state: State):
+    require_admin(request, state.keys.admin)
+    state.require_ready()
+    return await admin.rollback_canary(state, task)

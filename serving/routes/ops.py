@@ -43,8 +43,11 @@ async def dashboard():
 
 @pages.get("/dashboard/data")
 async def dashboard_data(state: State, since: float = 0.0):
+    reg = state.registry
+    canaries = {} if reg is None else {t: {"share": c.share, "stable": reg.tasks[t].ref.name, "canary": c.slot.ref.name}
+                                       for t, c in reg.canaries.items()}
     return {"now": time.time(), "records": state.metrics.recent(since),
-            "queue": {"waiting": state.admission.waiting, "running": state.admission.active}}
+            "queue": {"waiting": state.admission.waiting, "running": state.admission.active}, "canaries": canaries}
 
 
 @pages.get("/dashboard/plotly.min.js", response_class=Response,
