@@ -262,11 +262,22 @@ class TaskRegistry:
                 self._drop(task)
             return
         slot, canary = self.tasks.get(task), self.canaries.get(task)
+        stable_error: Exception | None = None
         if slot is None or not self._same(slot, want):
             if canary is not None and self._same(canary.slot, want):
                 self._promote(task)
             else:
-                self._set_stable(task, await self._load(task, want))
+                try:
+                    self._set_stable(task, await self._load(task, want))
+                except Exception as exc:  # noqa: BLE001 - raised below, after the canary part
+                    stable_error = exc
+        try:  # even when the stable adapter failed to load here: a rollback must reach every replica
+            await self._apply_canary(task, state)
+        finally:
+            if stable_error is not None:
+                raise stable_error
+
+    async def _apply_canary(self, task: str, state: Committed) -> None:
         canary, want_canary = self.canaries.get(task), state.canaries.get(task)
         if want_canary is None:
             self._drop_canary(task)

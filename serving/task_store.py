@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from guardrails.stores import check_target, redact
+from guardrails.stores.postgres import Connection
 from guardrails.stores.targets import is_postgres_url
 from kernel.errors import GuardtuneError
 
@@ -202,10 +203,8 @@ class PostgresTaskStore(_SharedStore):
     advisory lock, reopened once when the server drops it, the password never in messages)."""
 
     def __init__(self, url: str):
-        from guardrails.stores.postgres import _Connection  # one connection handling for every shared store
-
         self.label = redact(url)
-        self._c = _Connection(url, "task store", _PG_SCHEMA)
+        self._c = Connection(url, "task store", _PG_SCHEMA)  # one connection handling for every shared store
 
     def _row(self) -> tuple[int, str]:
         return self._c.run(lambda c: c.execute(

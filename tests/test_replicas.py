@@ -190,6 +190,14 @@ def test_a_replica_that_cannot_apply_a_change_reports_it_and_catches_up(replicas
     assert listing(b)["store"]["version"] == listing(a)["store"]["version"]
     assert "task sales not served as committed" in b.log() and "Traceback" not in b.log()
 
+    # A canary rolled back meanwhile reaches B too, though B still cannot load the new stable adapter.
+    assert admin(a, "PUT", "/admin/tasks/sales/canary",
+                 json={"adapter": str(adapters[OTTER_TASK]), "share": 0.5}).status_code == 200
+    wait_for(lambda: (t := task(b, "sales"))["canary"] and t, "replica B to serve the canary")
+    assert admin(a, "DELETE", "/admin/tasks/sales/canary").status_code == 200
+    view, _ = wait_for(lambda: (t := task(b, "sales"))["canary"] is None and t, "replica B to roll the canary back")
+    assert view["following"] is False and "otter-v2" in view["error"], view
+
     shutil.copytree(adapters[OTTER_TASK], b.root / "otter-v2")  # the adapter arrives on B's mount
     view, _ = wait_for(lambda: serves(b, "sales", "otter-v2"), "replica B to catch up", timeout=5 * POLL_S + 10)
     assert view["error"] is None and OTTER in chat(b)["choices"][0]["message"]["content"]

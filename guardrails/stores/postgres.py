@@ -63,7 +63,7 @@ def _nul(value: Any) -> Any:
     return value.replace("\x00", "\ufffd") if isinstance(value, str) else value
 
 
-class _Connection:
+class Connection:
     """One autocommit connection behind a lock, reopened once when the server drops it."""
 
     def __init__(self, url: str, what: str, schema: tuple[str, ...]):
@@ -126,7 +126,7 @@ class PostgresSessions:
     """`SessionStore` on PostgreSQL: a stage set by one replica is what every other replica reads."""
 
     def __init__(self, url: str):
-        self._c = _Connection(url, "sessions db", SESSIONS_SCHEMA)
+        self._c = Connection(url, "sessions db", SESSIONS_SCHEMA)
 
     def get_stage(self, session_id: str) -> str | None:
         row = self._c.run(lambda c: c.execute("SELECT stage FROM guardtune_sessions WHERE id = %s",
@@ -148,7 +148,7 @@ class PostgresAuditStore:
 
     def __init__(self, url: str):
         self.path = redact(url)  # what messages name, like AuditStore.path
-        self._c = _Connection(url, "audit db", AUDIT_SCHEMA)
+        self._c = Connection(url, "audit db", AUDIT_SCHEMA)
 
     def write(self, record: dict[str, Any]) -> None:
         """Store one record; a second write with the same request_id replaces it (retries are idempotent)."""
