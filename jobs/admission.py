@@ -7,44 +7,11 @@ peak the estimator cannot predict starts only when nothing else runs.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from jobs.model import Job
+from kernel.host import available_bytes, total_bytes
 
 GIB = 1 << 30
 HEADROOM = 1.1  # on the estimate, which is within about 10% of measured peaks (docs/training.md)
-
-
-def available_bytes() -> int | None:
-    """MemAvailable, capped by the cgroup v2 limit; None off Linux."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        avail = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            avail = min(avail, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
-def total_bytes() -> int | None:
-    """MemTotal, capped by the cgroup v2 limit; None off Linux."""
-    try:
-        info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        total = int(info["MemTotal"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        total = total if limit == "max" else min(total, int(limit))
-    except (OSError, ValueError):
-        pass
-    return total
 
 
 def never_fits(job: Job, headroom: float = HEADROOM, total: int | None = None) -> str | None:

@@ -16,9 +16,8 @@ import yaml
 
 from jobs.model import Job
 from kernel.errors import GuardtuneError
+from training import memory_mode
 from training.config import parse_overrides, resolve_paths, validate
-from training.estimate.memory import estimate
-from training.estimate.options import estimate_config
 
 PATH_KEYS = ("output_dir", "run_dir")
 
@@ -90,8 +89,8 @@ def problems_of(raw: dict) -> None:
 
 
 def predicted_peak(raw: dict, device: str) -> int | None:
-    """The estimator's peak in bytes, or None when it cannot say (an unknown model shape)."""
+    """The estimator's peak in bytes, as `train`'s own `host_memory: auto` sees it; None when it cannot say."""
     try:
-        return estimate(estimate_config(raw, "job", device=device)).total
-    except (GuardtuneError, OSError, ValueError):
+        return memory_mode.predicted_peak(validate(dict(raw), source="job"), device)
+    except GuardtuneError:
         return None

@@ -10,9 +10,9 @@ process must be able to import before anything else has touched the heap.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from kernel.errors import GuardtuneError
+from kernel.host import available_bytes
 from training.config import TrainConfig
 from training.estimate import estimate
 from training.estimate.memory import GiB
@@ -20,22 +20,6 @@ from training.estimate.options import estimate_config
 
 FAST_PEAK_FACTOR = 1.25  # fast's peak RSS over bounded's, at most 1.24x on 9 configurations
 HEADROOM = 0.8  # auto keeps the fast peak under this share of the available memory
-def available_bytes() -> int | None:
-    """MemAvailable, or less when this process's cgroup (a container's limit) leaves less."""
-    try:
-        meminfo = Path("/proc/meminfo").read_text()
-        avail = int(next(x for x in meminfo.splitlines() if x.startswith("MemAvailable:")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            avail = min(avail, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return avail
-
-
 def choose(predicted: int | None, available: int | None, processes: int = 1) -> tuple[str, str]:
     """auto's pick for `processes` training processes of `predicted` bytes each: (mode, why)."""
     if predicted is None or available is None:
@@ -48,10 +32,10 @@ def choose(predicted: int | None, available: int | None, processes: int = 1) -> 
     return "fast", f"auto: {sizes}"
 
 
-def predicted_peak(cfg: TrainConfig) -> int | None:
+def predicted_peak(cfg: TrainConfig, device: str = "cpu") -> int | None:
     """The estimate of one training process's peak, or None when the model's shape is unknown."""
     try:
-        return estimate(estimate_config(cfg.model_dump(mode="json", exclude_none=True), "train", device="cpu")).total
+        return estimate(estimate_config(cfg.model_dump(mode="json", exclude_none=True), "train", device=device)).total
     except (GuardtuneError, ValueError, OSError, KeyError):  # an unknown shape: auto falls back to bounded
         return None
 
