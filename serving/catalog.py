@@ -1,4 +1,4 @@
-"""GET /v1/models: the base (when it is served) and every task, in OpenAI's model-list shape."""
+"""GET /v1/models: the base (when it is served), every task and the embedding models, in OpenAI's model-list shape."""
 
 from __future__ import annotations
 
@@ -13,4 +13,6 @@ def model_list(state: ServerState) -> dict:
     data += [{"id": t, "object": "model", "created": now, "owned_by": "guardtune", "kind": "task",
               "parent": cfg.base_model, **{k: v for k, v in s.summary().items() if k != "path"}}
              for t, s in state.registry.tasks.items()]
+    data += [{"id": m, "object": "model", "created": now, "owned_by": "guardtune", "kind": "embedding"}
+             for m in cfg.embedding_models()]  # /v1/embeddings
     return {"object": "list", "data": data}

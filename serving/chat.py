@@ -4,65 +4,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import time
 import uuid
 
-import anyio
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from guardrails import outcomes
+from serving import logprobs, tools
 from serving.auth import key_id
-from serving.engines.base import EngineDead, GenParams
+from serving.engines.base import GenParams
 from serving.errors import APIError
+from serving.generation import (
+    Choice,
+    HeldStream,
+    ReplyKind,
+    Run,
+    audit_record,
+    generation_error,
+    sse,
+)
 from serving.metrics import RequestRecord
 from serving.pipeline import ChatContext, Intercept, scoped_session
-from serving.protocol import ChatCompletionRequest, Usage, chunk_body, completion_body
-from serving.registry import STABLE, TaskNotFound
-from serving.stages import BASE
+from serving.protocol import ChatCompletionRequest, Usage
+from serving.service import GenerationService
 
 
-class ChatService:
-    def __init__(self, state):
-        self.s = state  # serving.state.ServerState
+class ChatService(GenerationService):
+    @functools.cached_property
+    def tools(self) -> tools.ToolReader:
+        return tools.ToolReader(self.s.cfg.tool_call_parser, self.s.renderer.tokenizer)
 
-    def _target(self, model: str, stack: contextlib.AsyncExitStack, session: str | None):
-        """(slot or None for the base, prompt format, metrics label, version). A task's slot is looked up and
-        pinned in one step and stays pinned until `stack` closes: a swap while the request waits cannot unload
-        it. With a canary running, `session` (scoped) picks the version: the same one for every turn."""
-        s = self.s
-        if model in (s.cfg.base_model, BASE):
-            if not s.serves_base():
-                raise APIError(404, "the base model is not served here (guardrails.base_model: refuse); "
-                                    "GET /v1/models lists the tasks", param="model", code="model_not_found")
-            return None, s.base_format, BASE, STABLE
-        try:
-            slot, version = stack.enter_context(s.registry.pinned(model, session))
-        except TaskNotFound:
-            raise APIError(404, f"unknown model or task '{model}'; GET /v1/models lists what is served",
-                           param="model", code="model_not_found") from None
-        return slot, slot.fmt, model, version
+    def _sampling(self, req: ChatCompletionRequest) -> dict:
+        """Every GenParams field but the token budget and the format's stop ids."""
+        forced = tools.forced_schema(req)
+        fmt = req.response_format
+        return {**req.sampling(), "logprobs": (req.top_logprobs or 0) if req.logprobs else None,
+                "json_schema": forced if forced is not None else (
+                    fmt.schema_or_none() if fmt is not None and fmt.type == "json_schema" else None),
+                "json_object": forced is None and fmt is not None and fmt.type == "json_object"}
 
     def _params(self, req: ChatCompletionRequest, prompt_len: int, fmt) -> GenParams:
-        s = self.s
-        ctx_len, cap = s.cfg.max_model_len, s.cfg.limits.max_tokens_cap
-        if prompt_len >= ctx_len:
-            raise APIError(400, f"prompt is {prompt_len} tokens; the context window is {ctx_len}",
-                           param="messages", code="context_length_exceeded")
-        requested = req.token_limit
-        if requested is not None and requested > cap:
-            raise APIError(400, f"max_tokens {requested} exceeds this server's cap of {cap}", param="max_tokens",
-                           code="max_tokens_too_large")
-        max_tokens = requested or min(cap, ctx_len - prompt_len)
-        if prompt_len + max_tokens > ctx_len:
-            raise APIError(400, f"prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) exceeds the context "
-                                f"window of {ctx_len}", param="max_tokens", code="context_length_exceeded")
-        if req.min_tokens > max_tokens:  # as vLLM's SamplingParams rejects it
-            raise APIError(400, f"min_tokens ({req.min_tokens}) must be at most max_tokens ({max_tokens})",
-                           param="min_tokens", code="invalid_value")
-        return GenParams(max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
-                         top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stop=list(req.stop or []),
-                         stop_token_ids=s.renderer.stop_token_ids(fmt), **req.vllm_sampling())
+        max_tokens = self.max_tokens(prompt_len, req.token_limit, "messages")
+        self.check_min_tokens(req.min_tokens, max_tokens)
+        return GenParams(max_tokens=max_tokens, stop_token_ids=self.s.renderer.stop_token_ids(fmt),
+                         **self._sampling(req))
 
     def _check_size(self, req: ChatCompletionRequest) -> None:
         """The request's size, checked before any guard work: a hostile request costs a length check."""
@@ -70,21 +56,31 @@ class ChatService:
         if len(req.messages) > limits.max_messages:
             raise APIError(400, f"{len(req.messages)} messages; this server takes up to {limits.max_messages}",
                            param="messages", code="too_many_messages")
-        chars = sum(len(m.text()) + len(m.name or "") for m in req.messages)
+        chars = sum(len(m.text()) + len(m.name or "") + sum(map(len, m.call_texts())) for m in req.messages)
         if chars > limits.max_input_chars:
             raise APIError(400, f"messages hold {chars} characters; this server takes up to "
                                 f"{limits.max_input_chars}", param="messages", code="input_too_long")
 
-    def check_rate(self, req: ChatCompletionRequest, who: str) -> None:
-        """The caller's rate limit; a refusal is recorded under the model it named, as a bounded label."""
-        s = self.s
-        try:
-            s.limiter.check(who)
-        except APIError as exc:
-            known = s.registry is not None and req.model in s.registry.tasks
-            label = req.model if known else BASE if req.model in (s.cfg.base_model, BASE) else "unknown"
-            s.metrics.observe(RequestRecord(time.time(), label, exc.status, exc.code, 0, 0, 0.0, None))
-            raise
+    def _allowed_tools(self, label: str) -> set[str] | None:
+        g = self.s.cfg.guardrails
+        return set(g.tools[label]) if g is not None and label in g.tools else None
+
+    def _check_tools(self, req: ChatCompletionRequest, label: str) -> None:
+        """The task's tool allow-list (guardrails.tools): a request may not even offer another tool."""
+        allowed = self._allowed_tools(label)
+        if allowed is not None and (extra := sorted({t.function.name for t in req.tools or []} - allowed)):
+            raise APIError(400, f"tools: {', '.join(extra)} may not be used with '{req.model}' (this task may call "
+                                f"{', '.join(sorted(allowed)) or 'no tools'})", param="tools", code="tool_not_allowed")
+        self.tools.check(req)
+
+    def _reply_kind(self, req: ChatCompletionRequest, label: str) -> ReplyKind:
+        mode = tools.mode(req)
+        fmt = req.response_format
+        return ReplyKind(
+            schema=fmt.schema_or_none() if fmt is not None and mode == "none" else None, tool_mode=mode,
+            read_calls=functools.partial(self.tools.read, req, streamed=req.stream) if mode != "none" else None,
+            offered={t.function.name: tools.parameters(t.function) for t in req.tools or []},
+            allowed=self._allowed_tools(label))
 
     async def handle(self, req: ChatCompletionRequest, caller: str | None = None):
         """`caller`: the API key that made the request (None when keys are off)."""
@@ -97,50 +93,41 @@ class ChatService:
         try:
             principal = key_id(caller) if caller else None
             session = scoped_session(principal, req.metadata.session_id if req.metadata else None)
-            slot, fmt, label, version = self._target(req.model, stack, session)
+            slot, fmt, label, version = self.target(req.model, stack, session)
+            self._check_tools(req, label)
+            forced = tools.mode(req) in ("named", "required")  # a forced call is guided JSON, as response_format is
+            self.check_sampling(self._sampling(req), slot, {"response_format": "tool_choice"} if forced else None)
             ctx = self._context(req, fmt, label, principal)
             ctx.version, ctx.adapter = version, slot.ref.name if slot is not None else "base"
-            await self._admit(stack, ctx, t0, slot)
+            await self.admit(stack, ctx.task, ctx.version, t0, slot)
             intercept = await s.pipeline.run_pre(ctx)
             if intercept is not None:
                 await stack.aclose()
-                return await self._intercepted(req, ctx.request_id, ctx, intercept, t0)
-            prompt_ids = s.renderer.render(fmt, with_canary(ctx.messages, fmt.system_prompt,
-                                                            s.pipeline.canary(label)))
+                return await self._intercepted(req, ctx, intercept, t0)
+            template_tools = [t.model_dump(mode="json") for t in req.tools] if req.tools else None
+            prompt_ids = s.renderer.render(fmt, with_canary(ctx.messages, fmt.system_prompt, s.pipeline.canary(label)),
+                                           tools=template_tools)
             params = self._params(req, len(prompt_ids), fmt)
-            run = _Run(self.s, req, ctx.request_id, ctx, label, prompt_ids, params, slot, t0)
+            reply = ChatReply(Run(s, ctx, label, prompt_ids, params, slot, t0, self._reply_kind(req, label)), req)
             if req.stream:
-                return _HeldStream(run.stream(stack), stack)
+                return HeldStream(reply.stream(stack), stack)
             async with stack:
-                return JSONResponse(await run.complete())
+                return JSONResponse(await reply.complete())
         except BaseException:
             await stack.aclose()
             raise
 
     def _context(self, req: ChatCompletionRequest, fmt, label: str, principal: str | None) -> ChatContext:
         meta = req.metadata
-        return ChatContext(f"chatcmpl-{uuid.uuid4().hex[:24]}", label,
-                           [{"role": m.role, "content": m.text()} for m in req.messages],
+        return ChatContext(f"chatcmpl-{uuid.uuid4().hex[:24]}", label, [_turn(m) for m in req.messages],
                            session_id=meta.session_id if meta else None,
                            dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt,
                            principal=principal,
-                           names=[m.name for m in req.messages if m.name])
+                           names=[m.name for m in req.messages if m.name] + [t for m in req.messages
+                                                                             for t in m.call_texts()])
 
-    async def _admit(self, stack: contextlib.AsyncExitStack, ctx: ChatContext, t0: float, slot) -> None:
-        """Wait for a generation slot. Guard work counts against admission too, so a flood of guarded
-        requests queues like any other. Refused (429) and abandoned (499, client gone) waits are recorded.
-        A task served by the transformers engine beside vLLM waits in that engine's own queue."""
-        side = slot is not None and slot.ref.engine == "transformers" and self.s.side_admission is not None
-        try:
-            await stack.enter_async_context((self.s.side_admission if side else self.s.admission).slot())
-        except (APIError, asyncio.CancelledError) as exc:
-            status, code = ((exc.status, exc.code or "rejected") if isinstance(exc, APIError)
-                            else (499, "client_disconnected"))
-            self.s.metrics.observe(RequestRecord(time.time(), ctx.task, status, code, 0, 0, time.time() - t0, None,
-                                                 version=ctx.version))
-            raise
-
-    async def _intercepted(self, req, rid, ctx: ChatContext, hit: Intercept, t0: float):
+    async def _intercepted(self, req: ChatCompletionRequest, ctx: ChatContext, hit: Intercept, t0: float):
+        rid = ctx.request_id
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         extra = {"version": ctx.version} | ({"guardrails": ctx.report} if ctx.report else {})
         inp = ctx.report.get("input", {})
@@ -149,217 +136,144 @@ class ChatService:
                                              blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms"),
                                              version=ctx.version))
         await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=hit.text, t0=t0)
+        indexes = range(req.n)
         if not req.stream:
-            return JSONResponse(completion_body(rid, req.model, hit.text, hit.finish_reason, usage, extra))
+            return JSONResponse(body(rid, req.model, [_message_choice(i, message(hit.text), None, hit.finish_reason)
+                                                      for i in indexes],
+                                     usage, extra))
         created = int(t0)
 
         async def events():
-            yield _sse(chunk_body(rid, req.model, created, delta={"role": "assistant", "content": hit.text}, extra=extra))
-            yield _sse(chunk_body(rid, req.model, created, delta={}, finish=hit.finish_reason))
+            for i in indexes:
+                yield sse(chunk(rid, req.model, created, i, delta={"role": "assistant", "content": hit.text},
+                                extra=extra if i == 0 else None))
+                yield sse(chunk(rid, req.model, created, i, delta={}, finish=hit.finish_reason))
             if req.stream_options and req.stream_options.include_usage:
-                yield _sse(chunk_body(rid, req.model, created, usage=usage))
+                yield sse(chunk(rid, req.model, created, usage=usage))
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
 
 
-class _HeldStream(StreamingResponse):
-    """An event stream that owns its request's pin and admission slot: they are released when the response
-    ends, even one that ends before its body generator ever started (the client gone at once)."""
-
-    def __init__(self, events, stack: contextlib.AsyncExitStack):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._stack = stack
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            # A client gone while `send` waited leaves the body generator suspended: close it now (engine
-            # abort, its record) before the pin and slot go, not whenever it is collected.
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self._stack.aclose()  # a no-op when the stream closed it already
+def _turn(m) -> dict:
+    """A client turn as the pipeline and the chat template see it."""
+    turn = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        turn["tool_calls"] = [c.model_dump(mode="json") for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = m.tool_call_id
+    return turn
 
 
-class _Run:
-    """One admitted generation: engine deltas -> output filter and post stages -> response, then metrics
-    and the audit record."""
+class ChatReply:
+    """A run's choices in chat.completion (or chunk) shape."""
 
-    def __init__(self, state, req, rid, ctx, label, prompt_ids, params, slot, t0):
-        self.s, self.req, self.rid, self.ctx, self.label = state, req, rid, ctx, label
-        self.prompt_ids, self.params, self.slot, self.t0 = prompt_ids, params, slot, t0
-        self.ttft: float | None = None
-        self.n_out = 0
-        self.finish = "error"
-        self.raw: str | None = None  # what the model said: only the audit store keeps it (redacted)
-        self.sent: str | None = None  # what the client got
-        self.filter = state.pipeline.output.filter_for(ctx) if state.pipeline.output is not None else None
+    def __init__(self, run: Run, req: ChatCompletionRequest):
+        self.run, self.req = run, req
+        self.top = req.top_logprobs or 0
 
-    async def _deltas(self):
-        adapter = self.slot.ref if self.slot is not None else None
-        self.s.metrics.engine_requests.labels(self.label).inc()
-        # aclosing: when this generator is closed (output filter tripped, client gone), the engine's is
-        # closed at once, which aborts the request in the engine, rather than whenever it is collected.
-        async with asyncio.timeout(self.s.cfg.limits.request_timeout_s), \
-                contextlib.aclosing(self.s.engine.generate(self.rid, self.prompt_ids, self.params, adapter)) as gen:
-            async for d in gen:
-                if self.ttft is None and (d.text or d.completion_tokens):
-                    self.ttft = time.time() - self.t0
-                self.n_out = d.completion_tokens
-                if d.finish_reason:
-                    self.finish = d.finish_reason
-                yield d.text
+    def _logprobs(self, steps) -> dict | None:
+        return logprobs.chat(steps, self.top) if steps is not None else None
 
-    async def _decide(self, raw: str) -> str:
-        """What to send for a whole reply: a leak is replaced; enforce sends the compliance decision;
-        otherwise the reply goes out as written, less its PII."""
-        self.raw = raw
-        f = self.filter
-        filtered = f.whole(raw) if f is not None else raw
-        if f is not None and f.tripped:
-            return self._stopped()
-        sent = await self.s.pipeline.run_post(self.ctx, raw)
-        if self.s.pipeline.buffers(self.label):
-            if sent != raw and self.finish == "length":
-                self.finish = "stop"  # a replacement (script or fallback) is a complete reply
-        else:
-            sent = filtered
-        self._note_filter()
-        return sent
-
-    def _stopped(self) -> str:
-        self.finish = "content_filter"
-        self._note_filter()
-        return self.s.pipeline.output.leak_reply()
-
-    def _note_filter(self) -> None:
-        f = self.filter
-        if f is not None and (f.tripped or f.redacted):
-            self.ctx.report["reply"] = {"stopped": f.tripped, "redacted": sorted(f.redacted)}
-
-    def usage(self) -> Usage:
-        p = len(self.prompt_ids)
-        return Usage(prompt_tokens=p, completion_tokens=self.n_out, total_tokens=p + self.n_out)
-
-    def _extra(self):
-        # system_fingerprint names the exact adapter load that served the request (task@id); version says
-        # whether that was the task's stable adapter or its canary.
-        extra = {"system_fingerprint": self.ctx.adapter, "version": self.ctx.version}
-        if self.ctx.citations:
-            extra["citations"] = self.ctx.citations
-        return extra | ({"guardrails": self.ctx.report} if self.ctx.report else {})
-
-    async def _record(self, status: int) -> None:
-        outcome = guardrail_outcome(self.ctx.report)
-        out, inp = self.ctx.report.get("output") or {}, self.ctx.report.get("input") or {}
-        if inp.get("redacted"):  # counted apart: the outcome label shows the compliance decision instead
-            self.s.metrics.redactions.labels(self.label).inc()
-        guard_ms = [v for v in (inp.get("latency_ms"), out.get("latency_ms")) if v is not None]
-        self.s.metrics.observe(RequestRecord(
-            time.time(), self.label, status, self.finish, len(self.prompt_ids), self.n_out, time.time() - self.t0,
-            self.ttft, guardrail=outcome, stage=out.get("stage"), compliance_score=out.get("score"),
-            fallback=f"{out['fallback_stage']}/{out['fallback_variant']}" if out.get("outcome") == "fallback" else None,
-            guard_ms=sum(guard_ms) if guard_ms else None, version=self.ctx.version))
-        await audit_record(self.s.pipeline, self.ctx, outcome=outcome if status == 200 else outcomes.error(status),
-                           raw=self.raw, sent=self.sent, t0=self.t0, ttft=self.ttft)
+    def _message(self, c: Choice) -> dict:
+        msg = message(c.sent)
+        if c.calls:
+            forced = self.run.reply.tool_mode in ("named", "required")
+            msg["content"] = c.sent if c.sent is not None else ("" if forced else None)
+            msg["tool_calls"] = [k.wire() for k in c.calls]
+        return msg
 
     async def complete(self) -> dict:
+        run = self.run
         try:
-            text = self.sent = await self._decide("".join([t async for t in self._deltas()]))
+            await run.collect()
         except asyncio.CancelledError:  # the client left: the engine request was aborted on the way out
-            self.finish = "client_disconnected"
-            await self._record(499)
+            run.failed("client_disconnected")
+            await run.record(499)
             raise
         except Exception as exc:
-            err = _generation_error(exc)
-            await self._record(err.status)
+            err = generation_error(exc)
+            await run.record(err.status)
             raise err from None
-        await self._record(200)
-        return completion_body(self.rid, self.req.model, text, self.finish, self.usage(), self._extra())
-
-    async def _as_written(self):
-        """Stream the reply as the model writes it, through the output filter; yields the text to send."""
-        pieces, deltas = [], self._deltas()
-        f = self.filter
-        try:
-            async for piece in deltas:
-                pieces.append(piece)
-                if (out := f.feed(piece) if f is not None else piece):
-                    yield out
-                if f is not None and f.tripped:
-                    break  # closing the engine's stream below aborts the generation
-        finally:
-            await deltas.aclose()
-        self.raw = "".join(pieces)
-        if f is not None and f.tripped:
-            self._stopped()
-            return
-        if f is not None and (tail := f.finish()):
-            yield tail
-        if self.s.pipeline.post:  # monitor: decisions are recorded, the reply stands
-            await self.s.pipeline.run_post(self.ctx, self.raw)
-        self._note_filter()
+        await run.record(200)
+        choices = [_message_choice(c.index, self._message(c), self._logprobs(c.logprobs()), c.finish)
+                   for c in run.choices]
+        return body(run.ctx.request_id, self.req.model, choices, run.usage(), run.extra())
 
     async def stream(self, stack: contextlib.AsyncExitStack):
-        rid, model, created = self.rid, self.req.model, int(self.t0)
-        fp = {"system_fingerprint": self._extra()["system_fingerprint"]}
+        run, req = self.run, self.req
+        rid, model, created = run.ctx.request_id, req.model, int(run.t0)
+        fp = {"system_fingerprint": run.extra()["system_fingerprint"]}
         status = 200
         try:
             async with stack:
-                yield _sse(chunk_body(rid, model, created, delta={"role": "assistant", "content": ""}, extra=self._extra()))
-                if self.s.pipeline.buffers(self.label):  # enforce: decide on the whole reply first
-                    text = self.sent = await self._decide("".join([t async for t in self._deltas()]))
-                    if text:
-                        yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
+                for c in run.choices:
+                    yield sse(chunk(rid, model, created, c.index, delta={"role": "assistant", "content": ""},
+                                    extra=run.extra() if c.index == 0 else fp))
+                if run.buffered():  # decided whole, then sent
+                    await run.collect()
+                    for c in run.choices:
+                        if delta := self._whole_delta(c):
+                            yield sse(chunk(rid, model, created, c.index, delta=delta,
+                                            logprobs=self._logprobs(c.logprobs()), extra=fp))
                 else:
-                    sent = []
-                    async with contextlib.aclosing(self._as_written()) as written:
-                        async for text in written:
-                            sent.append(text)
-                            yield _sse(chunk_body(rid, model, created, delta={"content": text}, extra=fp))
-                    self.sent = "".join(sent)
-                yield _sse(chunk_body(rid, model, created, delta={}, finish=self.finish, extra=self._extra()))
-                if self.req.stream_options and self.req.stream_options.include_usage:
-                    yield _sse(chunk_body(rid, model, created, usage=self.usage(), extra=fp))
+                    async with contextlib.aclosing(run.as_written()) as written:
+                        async for c, text, steps in written:
+                            yield sse(chunk(rid, model, created, c.index, delta={"content": text},
+                                            logprobs=self._logprobs(steps), extra=fp))
+                for c in run.choices:
+                    last = c.index == len(run.choices) - 1
+                    # the finish event's delta carries an empty content, as vLLM's does (its last token's text)
+                    yield sse(chunk(rid, model, created, c.index, delta={} if c.calls else {"content": ""},
+                                    finish=c.finish, extra=run.extra() if last else fp))
+                if req.stream_options and req.stream_options.include_usage:
+                    yield sse(chunk(rid, model, created, usage=run.usage(), extra=fp))
                 yield "data: [DONE]\n\n"
         except (asyncio.CancelledError, GeneratorExit):  # the client left (GeneratorExit: closed while sending)
-            status, self.finish = 499, "client_disconnected"
+            status = 499
+            run.failed("client_disconnected")
             raise
         except Exception as exc:  # the headers are gone: the failure travels as an error event
-            err = _generation_error(exc)
+            err = generation_error(exc)
             status = err.status
-            yield _sse(err.body())
+            yield sse(err.body())
             yield "data: [DONE]\n\n"
         finally:
-            await self._record(status)
+            await run.record(status)
+
+    def _whole_delta(self, c: Choice) -> dict:
+        delta = {}
+        if c.sent:
+            delta["content"] = c.sent
+        if c.calls:
+            delta["tool_calls"] = [k.wire(i) for i, k in enumerate(c.calls)]
+        return delta
 
 
-async def audit_record(pipeline, ctx: ChatContext, *, outcome: str, raw: str | None, sent: str | None, t0: float,
-                       ttft: float | None = None) -> None:
-    """One record per guarded request, keyed by request id; written (redacted) off the event loop."""
-    if not pipeline.audits(ctx.task):
-        return
-    out = ctx.report.get("output") or {}
-    inp = ctx.report.get("input") or {}
-    record = {
-        "request_id": ctx.request_id, "ts": time.time(), "task": ctx.task, "session_id": ctx.session_id,
-        "version": ctx.version, "adapter": ctx.adapter,
-        "api_key_id": ctx.principal,
-        "stage": out.get("stage") or ctx.dialogue_stage, "outcome": outcome, "input": inp,
-        "retrieved": ctx.report.get("retrieved", []), "prompt": ctx.messages, "raw_generation": raw, "sent": sent,
-        "reply": ctx.report.get("reply"),
-        # Compliance's decision with its text: what went out (enforce) or would have (monitor; badcases pairs it).
-        "script": ({"id": out["script_id"], "score": out["score"], "text": out.get("sent")}
-                   if out.get("outcome") == "script" else None),
-        "fallback": ({"stage": out["fallback_stage"], "variant": out["fallback_variant"], "score": out["score"],
-                      "text": out.get("sent")} if out.get("outcome") == "fallback" else None),
-        "latency_ms": {"input": inp.get("latency_ms"), "retrieval": ctx.report.get("retrieval_ms"),
-                       "compliance": out.get("latency_ms"),
-                       "first_token": round(ttft * 1000, 1) if ttft is not None else None,
-                       "total": round((time.time() - t0) * 1000, 1)},
-    }
-    await pipeline.audit.write(record)
+STREAM_USAGE_NULLS = {"prompt_tokens_details", "completion_tokens_details"}  # vLLM's usage event has neither
+
+
+def message(content: str | None) -> dict:
+    # OpenAI's message fields this server never fills are null, as in vLLM's answers
+    return {"role": "assistant", "content": content, "refusal": None, "annotations": None, "audio": None,
+            "function_call": None}
+
+
+def _message_choice(index: int, message_: dict, logprobs_: dict | None, finish: str) -> dict:
+    return {"index": index, "message": message_, "logprobs": logprobs_, "finish_reason": finish}
+
+
+def body(rid: str, model: str, choices: list[dict], usage: Usage, extra: dict | None = None) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
+            "service_tier": None, "usage": usage.model_dump()} | (extra or {})
+
+
+def chunk(rid: str, model: str, created: int, index: int = 0, *, delta: dict | None = None, finish: str | None = None,
+          logprobs: dict | None = None, usage: Usage | None = None, extra: dict | None = None) -> dict:
+    """One event; `usage` only on the usage event, as vLLM sends it."""
+    choices = [] if delta is None and finish is None else [
+        {"index": index, "delta": delta or {}, "logprobs": logprobs, "finish_reason": finish}]
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
+            **({"usage": usage.model_dump(exclude=STREAM_USAGE_NULLS)} if usage else {})} | (extra or {})
 
 
 def with_canary(messages: list[dict], system_prompt: str | None, canary: str | None) -> list[dict]:
@@ -371,25 +285,3 @@ def with_canary(messages: list[dict], system_prompt: str | None, canary: str | N
         first = messages[0]
         return [{**first, "content": f"{first['content']}\n{line}"}, *messages[1:]]
     return [{"role": "system", "content": f"{system_prompt}\n{line}" if system_prompt else line}, *messages]
-
-
-def guardrail_outcome(report: dict) -> str:
-    """A bounded label (guardrails.outcomes): passed, redacted, script, fallback, monitor_*, leak."""
-    if (report.get("reply") or {}).get("stopped"):
-        return outcomes.LEAK
-    out = report.get("output")
-    if out:
-        return out["outcome"] if out["mode"] == "enforce" else outcomes.monitored(out["outcome"])
-    return outcomes.REDACTED if report.get("input", {}).get("redacted") else outcomes.PASSED
-
-
-def _generation_error(exc: Exception) -> APIError:
-    if isinstance(exc, TimeoutError):
-        return APIError(504, "generation timed out", code="timeout")
-    if isinstance(exc, EngineDead):
-        return APIError(503, str(exc), code="engine_dead")
-    return APIError(500, f"generation failed: {type(exc).__name__}", code="generation_failed")
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"

@@ -12,6 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_valida
 from guardrails.moderation import ModerationConfig
 from guardrails.stores import check_target
 from kernel.configfile import read_mapping, validated
+from kernel.encoder import MODEL_ID as ENCODER_ID
 from kernel.errors import GuardtuneError
 from kernel.models import DEFAULT_BASE_MODEL
 from kernel.paths import DEFAULT_ADAPTERS_DIR, MANIFEST_NAME
@@ -90,6 +91,8 @@ class GuardrailsConfig(BaseModel):
     base_model: Literal["guarded", "refuse"] = Field(
         "guarded", description="the base model behind guardrails like a task, or not served at all")
     moderation: ModerationConfig = Field(default_factory=ModerationConfig)
+    tools: dict[str, list[str]] = Field(default_factory=dict, description="task -> the tools it may be offered "
+                                        "and call; a request offering another gets 400 (a task not listed: any)")
     output: OutputConfig = Field(default_factory=OutputConfig)
     compliance: ComplianceConfig | None = None
     audit_db: StoreTarget = Field(Path("audit/audit.db"), description="one record per guarded request: a SQLite file (WAL), or a postgresql:// URL shared by replicas")
@@ -136,9 +139,14 @@ class ServeConfig(BaseModel):
                                                   "(which take any API key or the admin key too, once keys are set)")
     trusted_proxies: list[str] = Field(default_factory=list, description="addresses whose X-Forwarded-For is believed; "
                                                                          "default: none")
+    tool_call_parser: str | None = Field(None, description="vLLM's tool parser (e.g. hermes) that reads calls "
+                                          "out of replies for tool_choice auto; named and required need none")
     limits: Limits = Field(default_factory=Limits)
     guardrails: GuardrailsConfig | None = None
     rag: dict[str, RetrievalConfig] = Field(default_factory=dict, description="task -> knowledge index")
+    embeddings: dict[str, Path] = Field(default_factory=dict, description=(
+        "model id -> a sentence-transformers directory, served by /v1/embeddings beside the packaged "
+        f"{ENCODER_ID}"))
 
     @model_validator(mode="after")
     def _parallel_needs_vllm(self) -> ServeConfig:
@@ -147,6 +155,20 @@ class ServeConfig(BaseModel):
             raise ValueError("tensor_parallel_size, pipeline_parallel_size and distributed_executor_backend "
                              "need engine: vllm")
         return self
+
+    @model_validator(mode="after")
+    def _embedding_models(self) -> ServeConfig:
+        for model_id, path in self.embeddings.items():
+            if not 1 <= len(model_id) <= 128 or model_id == ENCODER_ID:
+                raise ValueError(f"embeddings: model id {model_id!r} must be 1 to 128 characters and not "
+                                 f"{ENCODER_ID!r} (the packaged encoder)")
+            if not path.is_dir():
+                raise ValueError(f"embeddings: {model_id}: {path} is not a directory")
+        return self
+
+    def embedding_models(self) -> dict[str, Path | None]:
+        """What /v1/embeddings serves: model id -> directory (None: the packaged encoder)."""
+        return {ENCODER_ID: None, **self.embeddings}
 
     def resolved_state_file(self) -> Path:
         return self.state_file or self.adapters_root / ".serve-state.json"

@@ -32,6 +32,7 @@ class ChatContext:
     protected: list[str] = field(default_factory=list)
     version: str = "stable"  # which of the task's adapters serves it: "stable", or "canary" (serving/registry.py)
     adapter: str = "base"  # the adapter load that serves it (task@id), as system_fingerprint names it
+    kind: str = "chat"  # or "completion": a raw prompt, no turns for retrieval to add sources to
 
     def __post_init__(self):
         if not self.protected:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from kernel.manifest import Manifest
@@ -16,6 +17,13 @@ class PromptFormat:
     @classmethod
     def from_manifest(cls, m: Manifest) -> "PromptFormat":
         return cls(m.chat_template, m.system_prompt, tuple(m.stop_tokens))
+
+
+def _arguments(text: str):
+    try:
+        return json.loads(text or "{}")
+    except ValueError:
+        return text  # not JSON: the template gets the text
 
 
 WORD_JOINER = "\u2060"  # invisible, and splits a control-token string so the tokenizer reads it as text
@@ -40,14 +48,22 @@ class PromptRenderer:
         stops = tuple(dict.fromkeys(self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids))
         return PromptFormat(self.tokenizer.chat_template, None, stops)
 
-    def render(self, fmt: PromptFormat, messages: list[dict]) -> list[int]:
-        msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": self.inert(m["content"])}
-                for m in messages]
+    def render(self, fmt: PromptFormat, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        msgs = [self._turn(m) for m in messages]
         if fmt.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.inert(fmt.system_prompt)})
         text = self.tokenizer.apply_chat_template(msgs, chat_template=fmt.chat_template, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, tools=tools)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _turn(self, m: dict) -> dict:
+        turn = {"role": "system" if m["role"] == "developer" else m["role"], "content": self.inert(m["content"])}
+        if m.get("tool_calls"):  # as vLLM hands them to templates: arguments parsed into objects
+            turn["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(self.inert(c["function"]["arguments"]))}}
+                                  for c in m["tool_calls"]]
+        if "tool_call_id" in m:
+            turn["tool_call_id"] = self.inert(m["tool_call_id"])
+        return turn
 
     def stop_token_ids(self, fmt: PromptFormat) -> list[int]:
         ids = self.tokenizer.convert_tokens_to_ids(list(fmt.stop_tokens))

@@ -4,9 +4,9 @@ admin API's request body, and the one error body every route answers with."""
 from __future__ import annotations
 
 import math
-import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import jsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
@@ -21,6 +21,8 @@ def _unicode(v: str) -> str:
 
 Text = Annotated[str, AfterValidator(_unicode)]
 MODERATION_MAX_INPUTS = 32
+MAX_CHOICES = 8  # n: each choice is a generation and a compliance decision
+MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
 
 
 class TextPart(BaseModel):
@@ -29,14 +31,118 @@ class TextPart(BaseModel):
     text: Text
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Text = Field(min_length=1, max_length=64)
+    arguments: Text  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):  # an assistant turn's call, as the client sends the history back
+    model_config = ConfigDict(extra="forbid")
+    id: Text = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = None
     name: Text | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=64)  # assistant turns
+    tool_call_id: Text | None = Field(None, max_length=128)  # tool turns: the call this is the result of
+
+    @model_validator(mode="after")
+    def _shape(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} turn needs content (only an assistant turn with tool_calls may omit it)")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant turns carry tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool turns, and only they, carry tool_call_id")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def call_texts(self) -> list[str]:
+        """What the turn's tool calls say: names and arguments, moderated like content."""
+        return [t for c in self.tool_calls or [] for t in (c.function.name, c.function.arguments)]
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; none: any object
+    strict: bool | None = None
+
+    @field_validator("parameters")
+    @classmethod
+    def _schema(cls, v):
+        return check_schema(v) if v is not None else v
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Text
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: Text = Field(min_length=1, max_length=64)
+    description: Text | None = None
+    # `schema` is a BaseModel attribute: the field is held as json_schema and read and written as "schema"
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, v):
+        return check_schema(v) if v is not None else v
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        return self
+
+    def schema_or_none(self) -> dict | None:
+        """The JSON schema a reply must meet: the given one, any object for json_object, none for text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            return self.json_schema.json_schema or {}
+        return None
+
+
+def check_schema(schema: dict) -> dict:
+    """A JSON schema the server can check replies against (the draft it declares, else 2020-12)."""
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+    return schema
 
 
 class StreamOptions(BaseModel):
@@ -63,26 +169,26 @@ class RequestMetadata(BaseModel):
         return self
 
 
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
-        {"model": "base", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}]})
+class Sampling(BaseModel):
+    """The fields chat and text completions share: budget, sampling, penalties, stops, choices, streaming."""
+    model_config = ConfigDict(extra="forbid")
     model: Text = Field(min_length=1, max_length=128)
-    messages: list[ChatMessage] = Field(min_length=1)
     # strict: "8", 8.0 or "yes" are not what the schema says, so they are 400s, not quietly coerced
     max_tokens: int | None = Field(None, ge=1, strict=True)
-    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
     temperature: float | None = Field(None, ge=0.0, le=2.0, strict=True)
     # Below 1e-3 (Schemathesis sent 5e-324) the float32 sampler fails: a 500, so the floor is a 400.
     top_p: float | None = Field(None, ge=1e-3, le=1.0, strict=True)
     stop: Text | list[Text] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
-    n: int = Field(1, ge=1, le=1, strict=True)
+    n: int = Field(1, ge=1, le=MAX_CHOICES, strict=True)
     stream: bool = Field(False, strict=True)
     stream_options: StreamOptions | None = None
-    metadata: RequestMetadata | None = None
     user: Text | None = Field(None, max_length=256)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, strict=True)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, strict=True)]] | None = Field(None, max_length=1024)
     # vLLM's sampling extensions, as its OpenAI server defines and checks them (SamplingParams._verify_args);
-    # min_tokens <= max_tokens is checked once max_tokens is known (serving/chat.py).
+    # min_tokens <= max_tokens is checked once max_tokens is known (serving/service.py).
     # top_k -1 or 0: off. Past 64 bits it fails in vLLM's engine core (a 500): int64, as for seed, is the ceiling.
     top_k: int | None = Field(None, ge=-1, le=2**63 - 1, strict=True)
     min_p: float | None = Field(None, ge=0.0, le=1.0, strict=True)
@@ -91,7 +197,7 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = Field(False, strict=True)
     skip_special_tokens: bool = Field(True, strict=True)
 
-    @field_validator("temperature", "top_p", "min_p", "repetition_penalty")
+    @field_validator("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
     @classmethod
     def _finite(cls, v):
         if v is not None and not math.isfinite(v):
@@ -106,6 +212,38 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("up to 4 non-empty stop strings")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v):
+        if v and any(not k.isdigit() or len(k) > 9 for k in v):
+            raise ValueError("keys are token ids (non-negative integers as strings)")
+        return v
+
+    def sampling(self) -> dict:
+        """These fields as GenParams fields, unset ones at vLLM's defaults (top_k -1 is vLLM's other "off")."""
+        return {"temperature": 1.0 if self.temperature is None else self.temperature,
+                "top_p": 1.0 if self.top_p is None else self.top_p, "seed": self.seed, "stop": list(self.stop or []),
+                "top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
+                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
+                "skip_special_tokens": self.skip_special_tokens, "n": self.n,
+                "presence_penalty": self.presence_penalty or 0.0, "frequency_penalty": self.frequency_penalty or 0.0,
+                "logit_bias": {int(k): v for k, v in (self.logit_bias or {}).items()}}
+
+
+class ChatCompletionRequest(Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "base", "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}]})
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, strict=True)
+    metadata: RequestMetadata | None = None
+    logprobs: bool = Field(False, strict=True)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = Field(None, strict=True)
+
     @model_validator(mode="after")
     def _turns(self):
         if self.messages[-1].role == "assistant":
@@ -114,43 +252,123 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("messages need at least one user turn")
         return self
 
+    @model_validator(mode="after")
+    def _logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # vLLM's and OpenAI's rule
+            raise ValueError("when using `top_logprobs`, `logprobs` must be set to true")
+        return self
+
+    @model_validator(mode="after")
+    def _tools(self):
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: each function name once")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice names '{choice.function.name}', which is not in tools")
+        if choice in ("auto", "required") and not names:
+            raise ValueError(f'tool_choice "{choice}" needs tools')
+        return self
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def vllm_sampling(self) -> dict:
-        """The vLLM extensions as GenParams fields, unset ones at vLLM's defaults (top_k -1 is vLLM's other "off")."""
-        return {"top_k": max(self.top_k or 0, 0), "min_p": self.min_p or 0.0,
-                "repetition_penalty": 1.0 if self.repetition_penalty is None else self.repetition_penalty,
-                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos,
-                "skip_special_tokens": self.skip_special_tokens}
+
+COMPLETION_MAX_PROMPTS = 16  # prompts per /v1/completions request: each is its own generation and guard pass
+
+
+class CompletionRequest(Sampling):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"model": "base", "prompt": "The capital of France is", "max_tokens": 8}]})
+    # Text only: the guard reads what it moderates, so token-id prompts are not taken.
+    prompt: Annotated[Text, Field(min_length=1)] | Annotated[
+        list[Annotated[Text, Field(min_length=1)]], Field(min_length=1, max_length=COMPLETION_MAX_PROMPTS)]
+    max_tokens: int | None = Field(16, ge=1, strict=True)  # OpenAI's and vLLM's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True)
+    echo: bool = Field(False, strict=True)
+    suffix: None = Field(None, description="not supported (nor by vLLM's server)")
+
+    @model_validator(mode="after")
+    def _supported(self):
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: prompt logprobs are not computed")
+        return self
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: None = None  # null, as vLLM's server sends them
+    completion_tokens_details: None = None
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None: a tool call alone, or a data reply the guard withheld
+    tool_calls: list[ToolCallOut] | None = None
+    refusal: None = None  # OpenAI's fields this server never fills, null as in vLLM's answers
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None  # None also where the guard changed the text: they would describe another
     finish_reason: str
 
 
 class ChatCompletion(BaseModel):
-    """What completion_body() builds; declared in the OpenAPI schema so clients and fuzzers can check it."""
+    """What serving/chat.py's body() builds; declared in the OpenAPI schema so clients and fuzzers can check it."""
     id: str
     object: Literal["chat.completion"]
     created: int
     model: str
     choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None  # text_offset, token_logprobs, tokens, top_logprobs; None where the guard changed the text
+    finish_reason: str
+
+
+class TextCompletion(BaseModel):
+    """What serving/completions.py builds."""
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
 
@@ -186,18 +404,89 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-def completion_body(rid: str, model: str, text: str, finish: str, usage: Usage, extra: dict | None = None) -> dict:
-    body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": finish}],
-            "usage": usage.model_dump()}
-    return body | (extra or {})
+# --- /v1/embeddings (serving/embeddings.py) --------------------------------------------------------------
+# Kept apart from the chat types above. vLLM's own EmbeddingRequest is not reused: it takes any extra
+# field (extra="allow"), coerces "8" to 8, and adds chat-message inputs and its own extensions.
+
+EMBEDDING_MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
+
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+_TOKENS_SCHEMA = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+# The schema states the rules the validator below enforces (the validator, not union branches, says
+# what is wrong: "input cannot be an empty string", as OpenAI words it).
+_EMBEDDING_INPUT_SCHEMA = {
+    "title": "Input", "description": "a text, texts, the token ids of one text, or token ids of texts",
+    "anyOf": [{"type": "string", "minLength": 1},
+              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+               "maxItems": EMBEDDING_MAX_INPUTS},
+              _TOKENS_SCHEMA,
+              {"type": "array", "items": _TOKENS_SCHEMA, "minItems": 1, "maxItems": EMBEDDING_MAX_INPUTS}]}
 
 
-def chunk_body(rid: str, model: str, created: int, *, delta: dict | None = None, finish: str | None = None,
-               usage: Usage | None = None, extra: dict | None = None) -> dict:
-    choices = [] if delta is None and finish is None else [
-        {"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
-    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
-            "usage": usage.model_dump() if usage else None}
-    return body | (extra or {})
+def _embedding_request_schema(schema: dict) -> None:
+    schema["properties"]["input"] = _EMBEDDING_INPUT_SCHEMA
+    schema["examples"] = [{"model": "all-minilm-l6-v2",
+                           "input": ["Do you install batteries?", "Solar panels in winter"]}]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_embedding_request_schema)
+    model: Text = Field(min_length=1, max_length=128)
+    input: Text | list[Text] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, strict=True)
+    user: Text | None = Field(None, max_length=256)
+
+    @field_validator("input", mode="wrap")
+    @classmethod
+    def _inputs(cls, v, handler):
+        try:
+            v = handler(v)
+        except ValueError as exc:  # pydantic's ValidationError: one error per union branch, none of them the point
+            if any(e["type"] == "value_error" for e in exc.errors()):
+                raise ValueError("input must be valid Unicode (not a lone surrogate escape)") from None
+            raise ValueError("input must be a string, a list of strings, a list of token ids (integers from 0) "
+                             "or a list of such lists") from None
+        items = cls.items_of(v)
+        if not items:
+            raise ValueError("input cannot be an empty list")
+        if len(items) > EMBEDDING_MAX_INPUTS:
+            raise ValueError(f"input holds {len(items)} items; up to {EMBEDDING_MAX_INPUTS} are allowed")
+        if any(not item for item in items):
+            raise ValueError("input cannot be an empty string" if any(isinstance(i, str) for i in items)
+                             else "input cannot hold an empty list of token ids")
+        return v
+
+    @staticmethod
+    def items_of(v) -> list[str] | list[list[int]]:
+        """One entry per input: a text, or one text's token ids."""
+        if isinstance(v, str) or (v and isinstance(v[0], int)):
+            return [v]
+        return list(v)
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        return self.items_of(self.input)
+
+
+class EmbeddingData(BaseModel):
+    index: int
+    object: Literal["embedding"]
+    embedding: list[float] | str  # base64: the little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):  # vLLM's UsageInfo, field for field
+    prompt_tokens: int
+    total_tokens: int
+    completion_tokens: int
+    prompt_tokens_details: None = None
+    completion_tokens_details: None = None
+
+
+class EmbeddingResponse(BaseModel):
+    """What serving/embeddings.py answers: vLLM's EmbeddingResponse, field for field."""
+    id: str
+    object: Literal["list"]
+    created: int
+    model: str
+    data: list[EmbeddingData]
+    usage: EmbeddingUsage

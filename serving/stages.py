@@ -206,7 +206,7 @@ class RetrievalStage:
 
     async def before(self, ctx: ChatContext) -> Intercept | None:
         index = self.indexes.get(ctx.task)
-        if index is None:
+        if index is None or ctx.kind != "chat":
             return None
         c = self.per_task[ctx.task]
         query = next((m["content"] for m in reversed(ctx.messages) if m["role"] == "user"), "")

@@ -160,6 +160,9 @@ class ScriptedEngine:
     def ready(self) -> bool:
         return True
 
+    def unsupported(self, params, adapter) -> list[str]:
+        return []
+
     async def generate(self, request_id, prompt_ids, params, adapter):
         from serving.engines.base import Delta
 

@@ -42,7 +42,8 @@ def test_health_ready_and_models(server, client):
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
     assert httpx.get(f"{server.url}/ready").json() == {"ready": True, "engine": "vllm", "tasks": ["sales"]}
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {"smollm2-135m-instruct", "sales"}
+    assert set(models) == {"smollm2-135m-instruct", "sales", "all-minilm-l6-v2"}  # the last: /v1/embeddings
+    assert models["all-minilm-l6-v2"].model_dump()["kind"] == "embedding"
     sales = models["sales"].model_dump()
     assert sales["method"] == "lora" and sales["rank"] == 8 and sales["base_model"] == "smollm2-135m-instruct"
     assert "engine vllm" in server.log() and "ready in" in server.log()
@@ -93,7 +94,7 @@ def test_stop_strings_cut_the_reply(client):
     ({"model": "sales", "messages": Q, "max_tokens": 100000}, 400, "cap of 64"),
     ({"model": "sales", "messages": Q, "max_tokens": -1}, 400, "max_tokens"),
     ({"model": "sales", "messages": Q, "temperature": -0.5}, 400, "temperature"),
-    ({"model": "sales", "messages": Q, "n": 3}, 400, "n"),
+    ({"model": "sales", "messages": Q, "n": 9}, 400, "n"),  # each choice costs a generation: up to 8
     ({"model": "sales", "messages": [{"role": "user", "content": "solar " * 600}]}, 400, "context window"),
 ])
 def test_bad_requests_get_openai_errors(server, body, status, needle):

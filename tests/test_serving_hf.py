@@ -43,3 +43,30 @@ def test_transformers_engine_serves_tasks_base_and_swaps(hf_server, two_adapters
     assert put.status_code == 200, put.text
     r = client.chat.completions.create(model="sales", messages=Q, max_tokens=24, temperature=0)
     assert OTTER in r.choices[0].message.content and r.system_fingerprint == f"sales@{put.json()['adapter_id']}"
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"n": 2, "temperature": 0.8}, "n"),
+    ({"logprobs": True}, "logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logit_bias": {"42": 5}}, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "get_order"}}],
+      "tool_choice": {"type": "function", "function": {"name": "get_order"}}}, "tool_choice"),
+])
+def test_transformers_engine_names_what_it_cannot_do(hf_server, extra, param):
+    """Plain sampling only: anything else is a 400 that names the field, before any generation."""
+    for path, body in (("/v1/chat/completions", {"messages": Q}), ("/v1/completions", {"prompt": "Hello"})):
+        if path == "/v1/completions" and param in ("response_format", "tool_choice"):
+            continue  # completions take no response_format or tools
+        body = {"model": "base", "max_tokens": 4, **body,
+                **({"logprobs": 1} if path == "/v1/completions" and param == "logprobs" else
+                   {k: v for k, v in extra.items() if not (path == "/v1/completions" and k == "logprobs")})}
+        r = httpx.post(f"{hf_server.url}{path}", json=body, timeout=60)
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_parameter" and err["param"] == param, err
+        assert "transformers engine" in err["message"]
+    ok = openai.OpenAI(base_url=f"{hf_server.url}/v1", api_key="none", max_retries=0).completions.create(
+        model="sales", prompt="Kestrel Home sells", max_tokens=6, temperature=0)
+    assert ok.choices[0].finish_reason in ("stop", "length") and ok.usage.completion_tokens <= 6

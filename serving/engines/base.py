@@ -21,6 +21,21 @@ class GenParams:
     min_tokens: int = 0  # stop tokens and stop strings wait until this many tokens are out
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    # OpenAI's fields, at values that mean "off"
+    n: int = 1  # choices per prompt: one engine request fans out
+    logprobs: int | None = None  # alternatives per token to return (0: the chosen token's alone); None: no logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    json_schema: dict | None = None  # guided decoding: the reply is JSON meeting this schema
+    json_object: bool = False  # guided decoding: the reply is a JSON object
+
+    def extras(self) -> list[str]:
+        """The OpenAI fields this request sets beyond plain sampling (an engine may refuse them by name)."""
+        on = {"n": self.n > 1, "logprobs": self.logprobs is not None, "presence_penalty": bool(self.presence_penalty),
+              "frequency_penalty": bool(self.frequency_penalty), "logit_bias": bool(self.logit_bias),
+              "response_format": self.json_schema is not None or self.json_object}
+        return [k for k, v in on.items() if v]
 
 
 @dataclass(frozen=True)
@@ -33,11 +48,22 @@ class AdapterRef:
     engine: str = "vllm"
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token: its text and logprob, and the alternatives the engine ranked (first: the
+    chosen token, then by rank, as vLLM orders them)."""
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
 @dataclass
 class Delta:
     text: str
-    completion_tokens: int  # cumulative
+    completion_tokens: int  # cumulative, for this choice
     finish_reason: str | None = None  # "stop" | "length" once finished
+    index: int = 0  # the choice (n > 1)
+    logprobs: list[TokenLogprob] | None = None  # one per token in this delta, when asked for
 
 
 class EngineDead(RuntimeError):
@@ -60,3 +86,4 @@ class Engine(Protocol):
     async def unload_adapter(self, adapter: AdapterRef) -> None: ...
     async def shutdown(self) -> None: ...
     def serves(self, engine: str) -> bool: ...  # can it serve an adapter whose manifest says serve_with `engine`
+    def unsupported(self, params: GenParams, adapter: AdapterRef | None) -> list[str]: ...  # fields it cannot do

@@ -64,6 +64,11 @@ class TransformersEngine:
     def serves(self, engine: str) -> bool:
         return True  # every adapter method peft can load
 
+    def unsupported(self, params: GenParams, adapter: AdapterRef | None) -> list[str]:
+        """This engine's decoder does plain sampling and vLLM's sampling extensions: no logprobs, penalties,
+        logit bias, guided JSON or several choices."""
+        return params.extras()
+
     def ready(self) -> bool:
         return self.model is not None
 

@@ -60,6 +60,10 @@ class RoutedEngine:
         keeps its adapters, and the caller's reload of every adapter skips the ones it holds."""
         await self.primary.restart()
 
+    def unsupported(self, params: GenParams, adapter: AdapterRef | None) -> list[str]:
+        engine = self._for(adapter)
+        return params.extras() if engine is None else engine.unsupported(params, adapter)  # None: not started yet
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: GenParams,
                        adapter: AdapterRef | None) -> AsyncIterator[Delta]:
         # Closed with this generator, at once: the engine's own close aborts the request.

@@ -9,7 +9,7 @@ import os
 import time
 from typing import AsyncIterator
 
-from serving.engines.base import AdapterRef, Delta, EngineDead, GenParams
+from serving.engines.base import AdapterRef, Delta, EngineDead, GenParams, TokenLogprob
 
 log = logging.getLogger("guardtune.serve")
 
@@ -28,6 +28,37 @@ def parallel_args(cfg) -> dict:
     if cfg.distributed_executor_backend is not None:  # None leaves vLLM's own choice (uni, mp or ray)
         args["distributed_executor_backend"] = cfg.distributed_executor_backend
     return args
+
+
+def sampling_params(params: GenParams):
+    """vLLM's SamplingParams for one request, streamed as deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if params.json_schema is not None:
+        structured = StructuredOutputsParams(json=params.json_schema)
+    elif params.json_object:
+        structured = StructuredOutputsParams(json_object=True)
+    # The format's end-of-turn ids are this model's EOS: ignore_eos ignores them too, as vLLM's server does.
+    stop_ids = None if params.ignore_eos else params.stop_token_ids or None
+    return SamplingParams(n=params.n, max_tokens=params.max_tokens, temperature=params.temperature,
+                          top_p=params.top_p, seed=params.seed, stop=params.stop or None, stop_token_ids=stop_ids,
+                          top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+                          presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                          logit_bias=params.logit_bias or None, logprobs=params.logprobs,
+                          structured_outputs=structured, min_tokens=params.min_tokens, ignore_eos=params.ignore_eos,
+                          skip_special_tokens=params.skip_special_tokens, output_kind=RequestOutputKind.DELTA)
+
+
+def token_logprobs(c) -> list[TokenLogprob]:
+    """A CompletionOutput delta's logprobs: per token, the chosen token, then the alternatives as vLLM ranks them."""
+    steps = []
+    for token_id, ranked in zip(c.token_ids, c.logprobs or []):
+        chosen = ranked[token_id]
+        steps.append(TokenLogprob(chosen.decoded_token or "", max(chosen.logprob, -9999.0),
+                                  tuple((lp.decoded_token or "", max(lp.logprob, -9999.0)) for lp in ranked.values())))
+    return steps
 
 
 def _descendants() -> list:
@@ -104,34 +135,30 @@ class VLLMEngine:
     def ready(self) -> bool:
         return self.llm is not None and not self.llm.errored
 
+    def unsupported(self, params: GenParams, adapter: AdapterRef | None) -> list[str]:
+        return []  # every GenParams field is a SamplingParams field
+
     async def generate(self, request_id: str, prompt_ids: list[int], params: GenParams,
                        adapter: AdapterRef | None) -> AsyncIterator[Delta]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        from vllm.sampling_params import RequestOutputKind
 
         if not self.ready():
             raise EngineDead("vLLM engine is not running")
-        # The format's end-of-turn ids are this model's EOS: ignore_eos ignores them too, as vLLM's server does.
-        stop_ids = None if params.ignore_eos else params.stop_token_ids or None
-        sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-                            seed=params.seed, stop=params.stop or None, stop_token_ids=stop_ids,
-                            top_k=params.top_k, min_p=params.min_p, repetition_penalty=params.repetition_penalty,
-                            min_tokens=params.min_tokens, ignore_eos=params.ignore_eos,
-                            skip_special_tokens=params.skip_special_tokens, output_kind=RequestOutputKind.DELTA)
-        n_out, finished = 0, False
+        n_out, finished = [0] * params.n, False
         llm = self.llm  # a restart swaps self.llm; judge a failure by the engine that failed
         try:
-            async with contextlib.aclosing(llm.generate(TokensPrompt(prompt_token_ids=prompt_ids), sp, request_id,
+            async with contextlib.aclosing(llm.generate(TokensPrompt(prompt_token_ids=prompt_ids),
+                                                        sampling_params(params), request_id,
                                                         lora_request=self._lora(adapter))) as outs:
                 async for out in outs:
-                    c = out.outputs[0]
-                    n_out += len(c.token_ids)
                     finished = out.finished
-                    finish = None
-                    if c.finish_reason is not None:
-                        finish = "length" if c.finish_reason == "length" else "stop"
-                    yield Delta(c.text, n_out, finish)
+                    for c in out.outputs:  # with n > 1, a delta may carry several choices
+                        n_out[c.index] += len(c.token_ids)
+                        finish = None
+                        if c.finish_reason is not None:
+                            finish = "length" if c.finish_reason == "length" else "stop"
+                        yield Delta(c.text, n_out[c.index], finish, c.index,
+                                    token_logprobs(c) if params.logprobs is not None else None)
         except Exception as exc:
             if llm.errored:
                 raise EngineDead(f"vLLM engine died: {type(exc).__name__}") from exc

@@ -27,16 +27,28 @@ include-path-regex = "^/(metrics|dashboard)"
 headers = {{ Authorization = "Bearer {ops}" }}
 
 # Rules no JSON schema can state, so schema-valid requests may still get a 400 here: the last turn must
-# not be the assistant's, max_tokens must fit the server's cap and the context, the request must fit
+# not be the assistant's, max_tokens must fit the server's cap and the context, n > 1 needs a temperature
+# above 0, logit_bias ids must be in the vocabulary, the request must fit
 # the server's size caps, an adapter path must be a trained adapter under the adapters root. Everywhere
 # else a schema-valid request must not get a 400.
 [[operations]]
 include-path = "/v1/chat/completions"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
 
+# Text completions: the same budget rules, and echo cannot come with logprobs (no prompt logprobs).
+[[operations]]
+include-path = "/v1/completions"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "429"]
+
 [[operations]]
 include-path = "/v1/moderations"
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "429"]
+
+# An embeddings input must also fit max_input_chars and the model (token ids in its vocabulary, no more
+# than it reads), and `dimensions` needs a Matryoshka model; `model` must name an embedding model.
+[[operations]]
+include-path = "/v1/embeddings"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "404", "429"]
 
 [[operations]]
 include-path = "/admin/tasks/{{task}}"
