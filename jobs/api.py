@@ -26,6 +26,7 @@ from jobs.model import FINISHED, Job
 from jobs.promote import gate, promote, replay_check
 from jobs.submit import BadJob, make_job, parse_body, predicted_peak, problems_of
 from kernel.errors import GuardtuneError
+from kernel.openai_errors import error_message
 from training.config import resolve_paths
 
 PAGE = Path(__file__).parent / "page"
@@ -264,7 +265,7 @@ def _serving(p, method: str, path: str) -> dict:
     except httpx.HTTPError as exc:
         raise APIError(502, f"serving at {url} did not answer: {exc}", "serving_unreachable") from None
     if r.status_code >= 400:
-        raise APIError(502, f"serving refused ({r.status_code}): {r.text[:300]}", "serving_refused")
+        raise APIError(502, f"serving refused ({r.status_code}): {error_message(r)}", "serving_refused")
     return r.json()
 
 

@@ -26,6 +26,7 @@ from jobs.model import Job
 from jobs.replay import recent_records, replay
 from kernel.errors import GuardtuneError
 from kernel.manifest import Manifest
+from kernel.openai_errors import error_message
 
 
 @dataclass
@@ -102,10 +103,6 @@ def promote(job: Job, task: str, serve_url: str, admin_key: str | None, *, canar
     except httpx.HTTPError as exc:
         raise GuardtuneError(f"promote: serving at {base} did not answer: {exc}") from None
     if r.status_code >= 400:
-        try:
-            msg = r.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = r.text[:300]
-        raise GuardtuneError(f"promote: serving refused ({r.status_code}): {msg}")
+        raise GuardtuneError(f"promote: serving refused ({r.status_code}): {error_message(r)}")
     job.promoted.append({"task": task, "url": base, "at": time.time(), "canary": canary_share})
     return r.json()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 import uuid
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from guardrails import outcomes
 from serving import logprobs, tools
 from serving.auth import key_id
 from serving.engines.base import GenParams
@@ -20,20 +18,19 @@ from serving.generation import (
     HeldStream,
     ReplyKind,
     Run,
-    audit_record,
     generation_error,
     sse,
 )
-from serving.metrics import RequestRecord
 from serving.pipeline import ChatContext, Intercept, scoped_session
+from serving.prompts import arguments
 from serving.protocol import ChatCompletionRequest, Usage
 from serving.service import GenerationService
 
 
 class ChatService(GenerationService):
-    @functools.cached_property
+    @property
     def tools(self) -> tools.ToolReader:
-        return tools.ToolReader(self.s.cfg.tool_call_parser, self.s.renderer.tokenizer)
+        return self.s.tools  # made at start-up: a tool_call_parser vLLM does not have stops the server there
 
     def _sampling(self, req: ChatCompletionRequest) -> dict:
         """Every GenParams field but the token budget and the format's stop ids."""
@@ -57,6 +54,8 @@ class ChatService(GenerationService):
             raise APIError(400, f"{len(req.messages)} messages; this server takes up to {limits.max_messages}",
                            param="messages", code="too_many_messages")
         chars = sum(len(m.text()) + len(m.name or "") + sum(map(len, m.call_texts())) for m in req.messages)
+        chars += sum(len(t.model_dump_json()) for t in req.tools or [])  # definitions are rendered and scanned too
+        chars += len(req.response_format.model_dump_json()) if req.response_format is not None else 0
         if chars > limits.max_input_chars:
             raise APIError(400, f"messages hold {chars} characters; this server takes up to "
                                 f"{limits.max_input_chars}", param="messages", code="input_too_long")
@@ -77,8 +76,8 @@ class ChatService(GenerationService):
         mode = tools.mode(req)
         fmt = req.response_format
         return ReplyKind(
-            schema=fmt.schema_or_none() if fmt is not None and mode == "none" else None, tool_mode=mode,
-            read_calls=functools.partial(self.tools.read, req, streamed=req.stream) if mode != "none" else None,
+            schema=fmt.schema_or_none() if fmt is not None and mode in ("none", "auto") else None, tool_mode=mode,
+            read_calls=self.tools.reader(req, streamed=req.stream) if mode != "none" else None,
             offered={t.function.name: tools.parameters(t.function) for t in req.tools or []},
             allowed=self._allowed_tools(label))
 
@@ -122,20 +121,13 @@ class ChatService(GenerationService):
         return ChatContext(f"chatcmpl-{uuid.uuid4().hex[:24]}", label, [_turn(m) for m in req.messages],
                            session_id=meta.session_id if meta else None,
                            dialogue_stage=meta.dialogue_stage if meta else None, system_prompt=fmt.system_prompt,
-                           principal=principal,
-                           names=[m.name for m in req.messages if m.name] + [t for m in req.messages
-                                                                             for t in m.call_texts()])
+                           principal=principal, names=_side_texts(req))
 
     async def _intercepted(self, req: ChatCompletionRequest, ctx: ChatContext, hit: Intercept, t0: float):
         rid = ctx.request_id
         usage = Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
         extra = {"version": ctx.version} | ({"guardrails": ctx.report} if ctx.report else {})
-        inp = ctx.report.get("input", {})
-        self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, hit.finish_reason, 0, 0,
-                                             time.time() - t0, None, guardrail=outcomes.BLOCKED,
-                                             blocked_by=inp.get("blocked_by"), guard_ms=inp.get("latency_ms"),
-                                             version=ctx.version))
-        await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=hit.text, t0=t0)
+        await self.record_block(ctx, hit.text, hit.finish_reason, t0)
         indexes = range(req.n)
         if not req.stream:
             return JSONResponse(body(rid, req.model, [_message_choice(i, message(hit.text), None, hit.finish_reason)
@@ -152,6 +144,17 @@ class ChatService(GenerationService):
                 yield sse(chunk(rid, req.model, created, usage=usage))
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _side_texts(req: ChatCompletionRequest) -> list[str]:
+    """What the client wrote outside the turns' content, moderated like it: names, the history's tool calls
+    (names and argument values, decoded) and the tool definitions (descriptions, schemas)."""
+    out = [m.name for m in req.messages if m.name]
+    # One text per call and per tool: each is read whole, as a turn is, not word by word
+    out += [" ".join([c.function.name, *tools.texts(arguments(c.function.arguments))])
+            for m in req.messages for c in m.tool_calls or []]
+    out += [" ".join(tools.texts(t.function.model_dump(mode="json", exclude_none=True))) for t in req.tools or []]
+    return [t for t in out if t.strip()]
 
 
 def _turn(m) -> dict:

@@ -9,6 +9,7 @@ import os
 import sys
 
 from kernel.errors import GuardtuneError
+from kernel.openai_errors import error_message
 
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -79,11 +80,7 @@ def adapters(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         raise GuardtuneError(f"cannot reach {url}: {exc}") from None
     if resp.status_code >= 400:
-        try:
-            msg = resp.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            msg = resp.text[:200]
-        raise GuardtuneError(f"{resp.status_code}: {msg}")
+        raise GuardtuneError(f"{resp.status_code}: {error_message(resp, 200)}")
     json.dump(resp.json(), sys.stdout, indent=2)
     print()
     return 0

@@ -13,18 +13,19 @@ import contextlib
 import time
 import uuid
 
+import anyio
 from fastapi.responses import JSONResponse
 
-from guardrails import outcomes
 from serving import logprobs
 from serving.auth import key_id
 from serving.engines.base import GenParams
 from serving.errors import APIError
-from serving.generation import HeldStream, ReplyKind, Run, audit_record, generation_error, sse
-from serving.metrics import RequestRecord
+from serving.generation import HeldStream, ReplyKind, Run, generation_error, sse
 from serving.pipeline import ChatContext
 from serving.protocol import CompletionRequest, Usage
 from serving.service import GenerationService
+
+MAX_SEQUENCES = 16  # prompts x n per request
 
 
 class CompletionService(GenerationService):
@@ -36,6 +37,9 @@ class CompletionService(GenerationService):
         if not s.ready:
             raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
         prompts = req.prompts()
+        if len(prompts) * req.n > MAX_SEQUENCES:  # they all run under one admission slot
+            raise APIError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} generations; this server "
+                                f"takes up to {MAX_SEQUENCES} per request", param="n", code="too_many_choices")
         if (chars := sum(map(len, prompts))) > s.cfg.limits.max_input_chars:
             raise APIError(400, f"prompt holds {chars} characters; this server takes up to "
                                 f"{s.cfg.limits.max_input_chars}", param="prompt", code="input_too_long")
@@ -44,10 +48,10 @@ class CompletionService(GenerationService):
         stack = contextlib.AsyncExitStack()
         try:
             principal = key_id(caller) if caller else None
-            slot, _fmt, label, version = self.target(req.model, stack, None)
+            slot, fmt, label, version = self.target(req.model, stack, None)
             self.check_sampling(self._sampling(req), slot)
             await self.admit(stack, label, version, t0, slot)
-            parts = [await self._part(req, f"{rid}-{i}" if len(prompts) > 1 else rid, p, slot, label, version,
+            parts = [await self._part(req, f"{rid}-{i}" if len(prompts) > 1 else rid, p, slot, fmt, label, version,
                                       principal, t0) for i, p in enumerate(prompts)]
             reply = CompletionReply(rid, req, parts, t0)
             if req.stream:
@@ -58,15 +62,17 @@ class CompletionService(GenerationService):
             await stack.aclose()
             raise
 
-    async def _part(self, req: CompletionRequest, rid: str, prompt: str, slot, label: str, version: str,
+    async def _part(self, req: CompletionRequest, rid: str, prompt: str, slot, fmt, label: str, version: str,
                     principal: str | None, t0: float) -> Part:
-        """One prompt: moderated, then made ready to generate (or the refusal that stands for it)."""
+        """One prompt: moderated, then made ready to generate (or the refusal that stands for it). The task's
+        system prompt is not in the prompt, but a reply repeating it is still a leak (protected)."""
         s = self.s
-        ctx = ChatContext(rid, label, [{"role": "user", "content": prompt}], principal=principal, kind="completion")
+        ctx = ChatContext(rid, label, [{"role": "user", "content": prompt}], principal=principal, kind="completion",
+                          system_prompt=fmt.system_prompt)
         ctx.version, ctx.adapter = version, slot.ref.name if slot is not None else "base"
         intercept = await s.pipeline.run_pre(ctx)
         if intercept is not None:
-            await self._record_block(ctx, intercept.text, t0)
+            await self.record_block(ctx, intercept.text, intercept.finish_reason, t0)
             return Part(prompt, None, intercept.text, intercept.finish_reason, ctx)
         # Moderation may have redacted the prompt: the engine gets what the guard passed.
         ids = s.renderer.tokenizer(ctx.messages[0]["content"])["input_ids"]
@@ -74,13 +80,6 @@ class CompletionService(GenerationService):
         self.check_min_tokens(req.min_tokens, max_tokens)
         params = GenParams(max_tokens=max_tokens, **self._sampling(req))
         return Part(prompt, Run(s, ctx, label, ids, params, slot, t0, ReplyKind()), None, None, ctx)
-
-    async def _record_block(self, ctx: ChatContext, text: str, t0: float) -> None:
-        inp = ctx.report.get("input", {})
-        self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, "content_filter", 0, 0, time.time() - t0,
-                                             None, guardrail=outcomes.BLOCKED, blocked_by=inp.get("blocked_by"),
-                                             guard_ms=inp.get("latency_ms"), version=ctx.version))
-        await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=text, t0=t0)
 
 
 class Part:
@@ -125,18 +124,20 @@ class CompletionReply:
         return extra
 
     async def _run_all(self) -> None:
+        """Every prompt's run together; each leaves its record however the request ends."""
         runs = [p.run for p in self.parts if p.run is not None]
-        results = await asyncio.gather(*(r.collect() for r in runs), return_exceptions=True)
-        failed = next((e for e in results if isinstance(e, BaseException)), None)
-        if isinstance(failed, asyncio.CancelledError):
+        try:
+            await asyncio.gather(*(r.collect() for r in runs))
+        except asyncio.CancelledError:  # the client left: gather cancelled every run (their engine requests abort)
             for r in runs:
                 r.failed("client_disconnected")
-            await asyncio.gather(*(r.record(499) for r in runs))
-            raise failed
-        if failed is not None:
-            err = generation_error(failed)
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(*(r.record(499) for r in runs))
+            raise
+        except Exception as exc:
+            err = generation_error(exc)
             await asyncio.gather(*(r.record(err.status) for r in runs))
-            raise err
+            raise err from None
         await asyncio.gather(*(r.record(200) for r in runs))
 
     async def complete(self) -> dict:
@@ -157,9 +158,10 @@ class CompletionReply:
                         yield chunk
                 else:
                     await self._run_all()
-                    for i, p in enumerate(self.parts):
-                        for c in self._choices(p, i):
-                            yield sse(_chunk(self.rid, model, created, [c], self.extra()))
+                    choices = [c for i, p in enumerate(self.parts) for c in self._choices(p, i)]
+                    for k, c in enumerate(choices):  # the guard's report once, with the last choice
+                        yield sse(_chunk(self.rid, model, created, [c], self.extra() if k == len(choices) - 1
+                                         else {"system_fingerprint": self.extra().get("system_fingerprint")}))
                 if self.req.stream_options and self.req.stream_options.include_usage:
                     yield sse(_chunk(self.rid, model, created, [], self.extra(), self.usage()))
                 yield "data: [DONE]\n\n"

@@ -22,7 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from guardrails import outcomes
 from guardrails.structured import check_calls, check_json
-from serving.engines.base import EngineDead, GenParams, TokenLogprob
+from serving.engines.base import EngineDead, EngineRefused, GenParams, TokenLogprob
 from serving.errors import APIError
 from serving.metrics import RequestRecord
 from serving.pipeline import ChatContext
@@ -71,10 +71,11 @@ class Run:
         self.prompt_ids, self.params, self.slot, self.t0, self.reply = prompt_ids, params, slot, t0, reply
         self.ttft: float | None = None
         output = state.pipeline.output
-        self.guarded = output is not None and output.filter_for(ctx) is not None
+        first = output.filter_for(ctx) if output is not None else None
+        self.guarded = first is not None
         want = params.logprobs is not None
-        self.choices = [Choice(i, output.filter_for(ctx) if self.guarded else None, [] if want else None)
-                        for i in range(params.n)]
+        self.choices = [Choice(i, (first if i == 0 else output.filter_for(ctx)) if self.guarded else None,
+                               [] if want else None) for i in range(params.n)]
 
     @property
     def enforce(self) -> bool:
@@ -134,38 +135,51 @@ class Run:
         c.sent, c.keep_logprobs = sent, sent == raw
 
     async def _decide_data(self, c: Choice, raw: str, filtered: str) -> bool:
-        """A JSON or tool-call reply, checked, not replaced. False: it is prose after all (auto found no call)."""
+        """A JSON or tool-call reply, checked, not replaced. False: it is prose after all (auto found no call
+        and no JSON was asked for)."""
         r = self.reply
         calls, content = r.read_calls(filtered) if r.read_calls is not None else ([], filtered)
-        if r.tool_mode == "auto" and not calls:
+        kind = "tool_calls" if calls or r.tool_mode in ("named", "required") else "json" if r.schema else None
+        if kind is None:
             return False
         c.calls, c.sent, c.keep_logprobs = calls, content, filtered == raw
         if calls and (r.tool_mode == "auto" or (r.tool_mode == "required" and c.finish == "stop")):
             c.finish = "tool_calls"  # OpenAI's rule: "stop" for a named call
         if not self.guarded:
             return True
-        if r.tool_mode != "none":
-            verdict = check_calls([(k.name, k.arguments) for k in calls], r.offered, r.allowed)
+        if kind == "tool_calls":
+            verdict = await asyncio.to_thread(check_calls, [(k.name, k.arguments) for k in calls], r.offered,
+                                              r.allowed)
             if not calls and verdict.valid:
                 verdict = type(verdict)(False, "no tool call in the reply")
         else:
-            verdict = check_json(filtered, r.schema)
+            verdict = await asyncio.to_thread(check_json, filtered, r.schema)
         mode = "enforce" if self.enforce else "monitor"
-        withheld = mode == "enforce" and not verdict.valid
         c.decision = {"mode": mode, "outcome": outcomes.PASSED if verdict.valid else outcomes.INVALID,
-                      "kind": "tool_calls" if r.tool_mode != "none" else "json", **verdict.report()}
-        if withheld:
+                      "kind": kind, **verdict.report()}
+        if mode == "enforce" and not verdict.valid:
             c.sent, c.calls, c.finish, c.keep_logprobs = None, [], "content_filter", False
+        elif kind == "tool_calls" and content and content.strip():
+            await self._decide_prose_beside(c, content)
         return True
 
+    async def _decide_prose_beside(self, c: Choice, content: str) -> None:
+        """Prose the model wrote beside its calls (auto) goes through compliance like any prose reply."""
+        sent = await self.s.pipeline.run_post(self.ctx, content)
+        c.decision["content"] = self.ctx.report.pop("output", None)
+        if self.enforce and sent != content:
+            c.sent, c.keep_logprobs = sent, False
+
     def _summarise(self) -> None:
-        """The request's report: the first choice's decision as `output`, every choice's under `choices`."""
-        first = self.choices[0]
-        if first.decision is not None:
-            self.ctx.report["output"] = first.decision
-        if len(self.choices) > 1 and any(c.decision for c in self.choices):
-            self.ctx.report["choices"] = [{"index": c.index, **(c.decision or {}), "sent": c.sent}
-                                          for c in self.choices]
+        """The request's report: the most severe choice's decision as `output` (what the outcome label and
+        the audit record's `script`/`fallback`/`check` show), and with several choices each one's under
+        `choices`."""
+        decided = [c for c in self.choices if c.decision is not None]
+        if decided:
+            self.ctx.report["output"] = max(decided, key=lambda c: severity(c.decision)).decision
+        if len(self.choices) > 1 and self.guarded:
+            self.ctx.report["choices"] = [{"index": c.index, "outcome": choice_outcome(c), **(c.decision or {}),
+                                           "sent": c.sent} for c in self.choices]
         filters = [c.filter for c in self.choices if c.filter is not None]
         if any(f.tripped or f.redacted for f in filters):
             self.ctx.report["reply"] = {"stopped": next((f.tripped for f in filters if f.tripped), None),
@@ -226,8 +240,8 @@ class Run:
             compliance_score=out.get("score"),
             fallback=f"{out['fallback_stage']}/{out['fallback_variant']}" if out.get("outcome") == "fallback" else None,
             guard_ms=sum(guard_ms) if guard_ms else None, version=ctx.version))
-        choices = [{"index": c.index, "raw": c.raw, "sent": sent_text(c)} for c in self.choices] \
-            if len(self.choices) > 1 else None
+        choices = [{"index": c.index, "outcome": choice_outcome(c), "raw": c.raw, "sent": sent_text(c),
+                    "decision": c.decision} for c in self.choices] if len(self.choices) > 1 else None
         await audit_record(self.s.pipeline, ctx, outcome=outcome if status == 200 else outcomes.error(status),
                            raw=first.raw, sent=sent_text(first), t0=self.t0, ttft=self.ttft, choices=choices)
 
@@ -236,6 +250,26 @@ class Run:
         for c in self.choices:
             if c.finish in ("error", None) or reason == "client_disconnected":
                 c.finish = reason
+
+
+# How much a decision changed the reply, least first: the request's outcome is its most severe choice's.
+SEVERITY = (outcomes.PASSED, outcomes.MONITOR_SCRIPT, outcomes.MONITOR_FALLBACK, outcomes.MONITOR_INVALID,
+            outcomes.SCRIPT, outcomes.FALLBACK, outcomes.INVALID, outcomes.LEAK)
+
+
+def decision_outcome(decision: dict) -> str:
+    out = decision["outcome"]
+    return out if out == outcomes.PASSED or decision["mode"] == "enforce" else outcomes.monitored(out)
+
+
+def severity(decision: dict) -> int:
+    return SEVERITY.index(decision_outcome(decision))
+
+
+def choice_outcome(c: Choice) -> str:
+    if c.filter is not None and c.filter.tripped:
+        return outcomes.LEAK
+    return decision_outcome(c.decision) if c.decision is not None else outcomes.PASSED
 
 
 def sent_text(c: Choice) -> str | None:
@@ -282,7 +316,7 @@ def guardrail_outcome(report: dict) -> str:
         return outcomes.LEAK
     out = report.get("output")
     if out and out["outcome"] != outcomes.PASSED:
-        return out["outcome"] if out["mode"] == "enforce" else outcomes.monitored(out["outcome"])
+        return decision_outcome(out)
     return outcomes.REDACTED if report.get("input", {}).get("redacted") else outcomes.PASSED
 
 
@@ -307,6 +341,8 @@ class HeldStream(StreamingResponse):
 
 
 def generation_error(exc: Exception) -> APIError:
+    if isinstance(exc, EngineRefused):
+        return APIError(400, str(exc), code="invalid_request")
     if isinstance(exc, TimeoutError):
         return APIError(504, "generation timed out", code="timeout")
     if isinstance(exc, EngineDead):

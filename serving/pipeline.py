@@ -26,7 +26,8 @@ class ChatContext:
     system_prompt: str | None = None  # the task's manifest prompt, for stages that add a system turn
     citations: list[dict] = field(default_factory=list)  # returned to the client as `citations`
     principal: str | None = None  # the caller's key id: sessions are scoped by it
-    names: list[str] = field(default_factory=list)  # the turns' `name` fields, moderated like content
+    # What the client wrote beside the turns' content (names, tool calls, tool definitions): moderated like it
+    names: list[str] = field(default_factory=list)
     # What a reply must not repeat: the manifest's system prompt and the client's system turns, taken
     # before retrieval adds its sources (quoting those is what a cited answer does).
     protected: list[str] = field(default_factory=list)

@@ -19,7 +19,8 @@ class PromptFormat:
         return cls(m.chat_template, m.system_prompt, tuple(m.stop_tokens))
 
 
-def _arguments(text: str):
+def arguments(text: str):
+    """A tool call's arguments parsed (as vLLM hands them to templates), or the text when it is not JSON."""
     try:
         return json.loads(text or "{}")
     except ValueError:
@@ -48,18 +49,31 @@ class PromptRenderer:
         stops = tuple(dict.fromkeys(self.tokenizer.convert_ids_to_tokens(i) for i in eos_ids))
         return PromptFormat(self.tokenizer.chat_template, None, stops)
 
+    def inert_deep(self, value):
+        """Every key and string in a JSON value made inert (tool definitions, parsed call arguments): a
+        template writes them out as text, and what it writes must not become a control token."""
+        if isinstance(value, str):
+            return self.inert(value)
+        if isinstance(value, dict):
+            return {self.inert(k): self.inert_deep(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.inert_deep(v) for v in value]
+        return value
+
     def render(self, fmt: PromptFormat, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         msgs = [self._turn(m) for m in messages]
         if fmt.system_prompt is not None and msgs[0]["role"] != "system":
             msgs.insert(0, {"role": "system", "content": self.inert(fmt.system_prompt)})
         text = self.tokenizer.apply_chat_template(msgs, chat_template=fmt.chat_template, tokenize=False,
-                                                  add_generation_prompt=True, tools=tools)
+                                                  add_generation_prompt=True,
+                                                  tools=self.inert_deep(tools) if tools else None)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _turn(self, m: dict) -> dict:
         turn = {"role": "system" if m["role"] == "developer" else m["role"], "content": self.inert(m["content"])}
         if m.get("tool_calls"):  # as vLLM hands them to templates: arguments parsed into objects
-            turn["tool_calls"] = [{**c, "function": {**c["function"], "arguments": _arguments(self.inert(c["function"]["arguments"]))}}
+            turn["tool_calls"] = [self.inert_deep({**c, "function": {**c["function"],
+                                                                      "arguments": arguments(c["function"]["arguments"])}})
                                   for c in m["tool_calls"]]
         if "tool_call_id" in m:
             turn["tool_call_id"] = self.inert(m["tool_call_id"])

@@ -4,10 +4,12 @@ admin API's request body, and the one error body every route answers with."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
-import jsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from guardrails import structured
 
 
 def _unicode(v: str) -> str:
@@ -23,6 +25,7 @@ Text = Annotated[str, AfterValidator(_unicode)]
 MODERATION_MAX_INPUTS = 32
 MAX_CHOICES = 8  # n: each choice is a generation and a compliance decision
 MAX_TOP_LOGPROBS = 20  # vLLM's default max_logprobs
+TOKEN_ID = re.compile(r"[0-9]{1,9}")  # ASCII digits: str.isdigit() takes '²', which int() refuses
 
 
 class TextPart(BaseModel):
@@ -137,11 +140,8 @@ class ResponseFormat(BaseModel):
 
 
 def check_schema(schema: dict) -> dict:
-    """A JSON schema the server can check replies against (the draft it declares, else 2020-12)."""
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        raise ValueError(f"not a valid JSON schema: {exc.message}") from None
+    """A JSON schema the server can decode to and check replies against (guardrails/structured.py)."""
+    structured.check_schema(schema)
     return schema
 
 
@@ -215,7 +215,7 @@ class Sampling(BaseModel):
     @field_validator("logit_bias")
     @classmethod
     def _token_ids(cls, v):
-        if v and any(not k.isdigit() or len(k) > 9 for k in v):
+        if v and any(not TOKEN_ID.fullmatch(k) for k in v):
             raise ValueError("keys are token ids (non-negative integers as strings)")
         return v
 

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import time
 
+from guardrails import outcomes
 from serving.engines.base import GenParams
 from serving.errors import APIError
+from serving.generation import audit_record
 from serving.metrics import RequestRecord
 from serving.registry import STABLE, TaskNotFound
 from serving.stages import BASE
@@ -97,3 +99,11 @@ class GenerationService:
         if min_tokens > max_tokens:  # as vLLM's SamplingParams rejects it
             raise APIError(400, f"min_tokens ({min_tokens}) must be at most max_tokens ({max_tokens})",
                            param="min_tokens", code="invalid_value")
+
+    async def record_block(self, ctx, text: str, finish: str, t0: float) -> None:
+        """A request (or one prompt of it) the input guard refused: its metrics and its audit record."""
+        inp = ctx.report.get("input", {})
+        self.s.metrics.observe(RequestRecord(time.time(), ctx.task, 200, finish, 0, 0, time.time() - t0, None,
+                                             guardrail=outcomes.BLOCKED, blocked_by=inp.get("blocked_by"),
+                                             guard_ms=inp.get("latency_ms"), version=ctx.version))
+        await audit_record(self.s.pipeline, ctx, outcome=outcomes.BLOCKED, raw=None, sent=text, t0=t0)

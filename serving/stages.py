@@ -65,7 +65,7 @@ class ModerationStage:
             if (blocked := res.blocked_by) is not None:
                 return self._block(ctx, blocked, res.report()["verdicts"], t0)
         if len(texts) > 1:
-            whole = " ".join(m["content"] for m in ctx.messages)
+            whole = " ".join([m["content"] for m in ctx.messages] + ctx.names)
             blocking = self.moderator.cfg.blocking(ctx.task)
             for scanner in self.detectors:
                 if not (v := judge(scanner.scan(whole), blocking)).valid:

@@ -24,6 +24,7 @@ from serving.registry import TaskRegistry
 from serving.stages import Audit, ComplianceStage, GuardScope, ModerationStage, OutputStage, RetrievalStage
 from serving.state import ServerState
 from serving.task_store import open_task_store
+from serving.tools import ToolReader
 
 log = logging.getLogger("guardtune.serve")
 ENGINE_DIED_EXIT = 3
@@ -59,6 +60,7 @@ async def start_state(state: ServerState) -> None:
     state.base_dir = base_dir = await asyncio.to_thread(resolve_base_model, cfg.base_model, log=log.info)
     tok = await asyncio.to_thread(AutoTokenizer.from_pretrained, base_dir)
     state.renderer = PromptRenderer(tok)
+    state.tools = await asyncio.to_thread(ToolReader, cfg.tool_call_parser, tok)  # a bad parser name fails here
     eos = GenerationConfig.from_pretrained(base_dir).eos_token_id
     state.base_format = state.renderer.base_format(eos if isinstance(eos, list) else [eos])
     base_sha = await asyncio.to_thread(weights_sha256, base_dir)

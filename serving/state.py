@@ -21,6 +21,7 @@ from serving.metrics import ServeMetrics
 from serving.pipeline import Pipeline
 from serving.prompts import PromptFormat, PromptRenderer
 from serving.registry import TaskRegistry
+from serving.tools import ToolReader
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ServerState:
     # Set at start-up (serving/startup.py):
     registry: TaskRegistry | None = None
     renderer: PromptRenderer | None = None
+    tools: ToolReader | None = None  # reads tool calls out of replies (vLLM's parser for tool_choice auto)
     base_format: PromptFormat | None = None
     base_dir: Path | None = None
     ready: bool = False

@@ -28,6 +28,17 @@ class Call:
         return body if index is None else {"index": index, **body}
 
 
+def texts(value) -> list[str]:
+    """Every key and string in a JSON value: what the input scanners read of tool definitions and calls."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k, v in value.items() for t in (k, *texts(v))]
+    if isinstance(value, list):
+        return [t for v in value for t in texts(v)]
+    return []
+
+
 def call_id() -> str:
     return f"chatcmpl-tool-{uuid.uuid4().hex}"  # vLLM's shape
 
@@ -89,7 +100,18 @@ class ToolReader:
                                 '(e.g. hermes), or use tool_choice "required" or a named function',
                            param="tool_choice", code="tool_choice_unsupported")
 
-    def read(self, req: ChatCompletionRequest, text: str, streamed: bool = False) -> tuple[list[Call], str | None]:
+    def reader(self, req: ChatCompletionRequest, streamed: bool = False):
+        """read() for one request's replies: vLLM's parser and request model are made once, not per choice."""
+        made = {}
+
+        def read(text: str) -> tuple[list[Call], str | None]:
+            if mode(req) == "auto" and not made:
+                made["parse"] = self._auto_parser(req)
+            return self.read(req, text, streamed, made.get("parse"))
+        return read
+
+    def read(self, req: ChatCompletionRequest, text: str, streamed: bool = False,
+             parse=None) -> tuple[list[Call], str | None]:
         """(calls, content): the calls in `text`, and what is left of it as content. "required" arguments are
         re-serialised, except in a stream, which carries them as written (vLLM's server does both)."""
         kind = mode(req)
@@ -100,18 +122,24 @@ class ToolReader:
         if kind == "required":
             return _required_calls(text, raw=streamed), None
         if kind == "auto":
-            calls, content = self._auto(req, text)
+            calls, content = (parse or self._auto_parser(req))(text)
             return (calls[:1] if req.parallel_tool_calls is False else calls), content
         return [], text
 
-    def _auto(self, req: ChatCompletionRequest, text: str) -> tuple[list[Call], str | None]:
+    def _auto_parser(self, req: ChatCompletionRequest):
+        """vLLM's parser over vLLM's own request model (what its extract_tool_calls reads)."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VLLMRequest
 
         vreq = VLLMRequest.model_validate(req.model_dump(mode="json", exclude_none=True, by_alias=True))
-        info = self._parser_cls(self.tokenizer, vreq.tools).extract_tool_calls(text, request=vreq)
-        if not info.tools_called:
-            return [], info.content if info.content is not None else text
-        return [Call(c.id or call_id(), c.function.name, c.function.arguments) for c in info.tool_calls], info.content
+        parser = self._parser_cls(self.tokenizer, vreq.tools)
+
+        def parse(text: str) -> tuple[list[Call], str | None]:
+            info = parser.extract_tool_calls(text, request=vreq)
+            if not info.tools_called:
+                return [], info.content if info.content is not None else text
+            return ([Call(c.id or call_id(), c.function.name, c.function.arguments) for c in info.tool_calls],
+                    info.content)
+        return parse
 
 
 def _required_calls(text: str, raw: bool = False) -> list[Call]:

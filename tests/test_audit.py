@@ -344,7 +344,8 @@ def test_cli_audit_show_and_badcases(tmp_path):
     assert p.returncode == 0, p.stderr
     assert [json.loads(l)["request_id"] for l in p.stdout.splitlines()] == ["req-0003"]
 
-    valid = "use passed, blocked, redacted, script, fallback, monitor_script, monitor_fallback, leak or error_<status>"
+    valid = ("use passed, blocked, redacted, script, fallback, monitor_script, monitor_fallback, leak, invalid, "
+             "monitor_invalid or error_<status>")
     p = cli("audit", "--db", str(db), "--outcome", "none")  # the old name of `passed`: refused, not an empty list
     assert (p.returncode, p.stdout, p.stderr) == (2, "", f"error: --outcome: unknown outcome 'none'; {valid}\n")
     p = cli("badcases", "export", "--db", str(db), "--out", str(tmp_path / "x.jsonl"), "--outcomes", "fallback,monitor")

@@ -181,6 +181,7 @@ def guarded_service(tmp: Path, audit_db: str, mode: str, store_dir: Path, tokeni
     from serving.prompts import PromptRenderer
     from serving.startup import default_pipeline
     from serving.state import ServerState
+    from serving.tools import ToolReader
 
     g = yaml.safe_load((ROOT / "examples" / "serve_guarded.yaml").read_text())["guardrails"]
     g["compliance"].update(library=str(ROOT / g["compliance"]["library"]), store=str(store_dir), mode=mode,
@@ -190,6 +191,7 @@ def guarded_service(tmp: Path, audit_db: str, mode: str, store_dir: Path, tokeni
     engine = ScriptedEngine()
     state = ServerState.build(cfg, engine=engine, pipeline=default_pipeline(cfg))
     state.renderer = PromptRenderer(tokenizer)
+    state.tools = ToolReader(None, tokenizer)
     state.base_format = state.renderer.base_format([tokenizer.eos_token_id])
     state.ready = True
     return ChatService(state), engine

@@ -534,6 +534,17 @@ def test_injection_in_tool_call_arguments_is_blocked_before_the_model(on):
     assert report(r)["input"]["blocked_by"] is not None
 
 
+def test_injection_in_a_tool_definition_or_escaped_arguments_is_blocked(on):
+    """Tool definitions are client-written prompt text too; arguments are read decoded (a JSON escape
+    hides nothing)."""
+    planted = {**GET_ORDER, "function": {**GET_ORDER["function"], "description": INJECTIONS[0]}}
+    r = on.chat(messages=ASK, tools=[planted, REFUND], tool_choice="required", max_tokens=24)
+    assert r.parsed.choices[0].finish_reason == "content_filter" and report(r)["input"]["blocked_by"] is not None
+    escaped = json.dumps({"order_id": INJECTIONS[0]}).replace("I", "\\u0049")
+    r = on.chat(messages=tool_result_turns('{"status": "shipped"}', arguments=escaped), tools=TOOLS, max_tokens=24)
+    assert r.parsed.choices[0].finish_reason == "content_filter" and report(r)["input"]["blocked_by"] is not None
+
+
 def test_a_tool_the_task_may_not_use_is_refused(on):
     delete = {"type": "function", "function": {"name": "delete_account", "parameters": {"type": "object",
                                                                                          "properties": {}}}}

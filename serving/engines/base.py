@@ -70,6 +70,10 @@ class EngineDead(RuntimeError):
     pass
 
 
+class EngineRefused(ValueError):
+    """The engine would not start this request (a JSON schema it cannot compile, say): the client's to fix."""
+
+
 @runtime_checkable
 class Engine(Protocol):
     """What every engine offers the server: vLLM, transformers, and RoutedEngine over the two."""

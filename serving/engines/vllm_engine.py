@@ -9,7 +9,7 @@ import os
 import time
 from typing import AsyncIterator
 
-from serving.engines.base import AdapterRef, Delta, EngineDead, GenParams, TokenLogprob
+from serving.engines.base import AdapterRef, Delta, EngineDead, EngineRefused, GenParams, TokenLogprob
 
 log = logging.getLogger("guardtune.serve")
 
@@ -162,6 +162,8 @@ class VLLMEngine:
         except Exception as exc:
             if llm.errored:
                 raise EngineDead(f"vLLM engine died: {type(exc).__name__}") from exc
+            if isinstance(exc, ValueError) and not any(n_out):  # vLLM checks a request's parameters on submission
+                raise EngineRefused(f"the engine refused the request: {exc}"[:500]) from exc
             raise
         finally:
             if not finished:  # closed or cancelled mid-way (client gone, output filter): free its seat now
