@@ -84,8 +84,7 @@ class ChatService(GenerationService):
     async def handle(self, req: ChatCompletionRequest, caller: str | None = None):
         """`caller`: the API key that made the request (None when keys are off)."""
         s = self.s
-        if not s.ready:
-            raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
+        s.require_ready()
         self._check_size(req)
         t0 = time.time()
         stack = contextlib.AsyncExitStack()  # the adapter pin and the admission slot, released on every exit

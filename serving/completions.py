@@ -34,8 +34,7 @@ class CompletionService(GenerationService):
 
     async def handle(self, req: CompletionRequest, caller: str | None = None):
         s = self.s
-        if not s.ready:
-            raise APIError(503, "engine is not ready", code="not_ready", headers={"Retry-After": "5"})
+        s.require_ready()
         prompts = req.prompts()
         if len(prompts) * req.n > MAX_SEQUENCES:  # they all run under one admission slot
             raise APIError(400, f"{len(prompts)} prompts x n={req.n} is {len(prompts) * req.n} generations; this server "

@@ -75,17 +75,21 @@ class ChatMessage(BaseModel):
         return [t for c in self.tool_calls or [] for t in (c.function.name, c.function.arguments)]
 
 
+def _checked_schema(schema: dict) -> dict:
+    structured.check_schema(schema)
+    return schema
+
+
+# A client's JSON schema: the server decodes to it and checks replies against it (guardrails/structured.py)
+JSONSchema = Annotated[dict[str, Any], AfterValidator(_checked_schema)]
+
+
 class FunctionSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Text = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: Text | None = None
-    parameters: dict[str, Any] | None = None  # a JSON schema; none: any object
+    parameters: JSONSchema | None = None  # none: any object
     strict: bool | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _schema(cls, v):
-        return check_schema(v) if v is not None else v
 
 
 class Tool(BaseModel):
@@ -110,13 +114,8 @@ class JSONSchemaFormat(BaseModel):
     name: Text = Field(min_length=1, max_length=64)
     description: Text | None = None
     # `schema` is a BaseModel attribute: the field is held as json_schema and read and written as "schema"
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    json_schema: JSONSchema | None = Field(None, alias="schema")
     strict: bool | None = None
-
-    @field_validator("json_schema")
-    @classmethod
-    def _schema(cls, v):
-        return check_schema(v) if v is not None else v
 
 
 class ResponseFormat(BaseModel):
@@ -137,12 +136,6 @@ class ResponseFormat(BaseModel):
         if self.type == "json_schema":
             return self.json_schema.json_schema or {}
         return None
-
-
-def check_schema(schema: dict) -> dict:
-    """A JSON schema the server can decode to and check replies against (guardrails/structured.py)."""
-    structured.check_schema(schema)
-    return schema
 
 
 class StreamOptions(BaseModel):

@@ -44,17 +44,23 @@ async def models(request: Request, state: State):
     return model_list(state)
 
 
+async def _generate(service, body, request: Request, state) -> Response:
+    """Chat and text completions alike: the key, readiness and rate limit, then the request, cancelled
+    when its client leaves."""
+    who = require_user(request, state.keys.users)
+    state.require_ready()
+    service.check_rate(body.model, who)
+    try:
+        return await cancel_on_disconnect(request.receive, service.handle(body, who if state.keys.users else None))
+    except ClientGone:
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
 @router.post("/v1/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 503, 504)})
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State,
                            chat: Annotated[ChatService, Depends(_chat)]):
-    who = require_user(request, state.keys.users)
-    state.require_ready()
-    chat.check_rate(body.model, who)
-    try:
-        return await cancel_on_disconnect(request.receive, chat.handle(body, who if state.keys.users else None))
-    except ClientGone:
-        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    return await _generate(chat, body, request, state)
 
 
 def _completions(request: Request) -> CompletionService:
@@ -65,13 +71,7 @@ def _completions(request: Request) -> CompletionService:
              responses={200: {"content": {"text/event-stream": {}}}, **errors(404, 429, 503, 504)})
 async def completions(body: CompletionRequest, request: Request, state: State,
                       service: Annotated[CompletionService, Depends(_completions)]):
-    who = require_user(request, state.keys.users)
-    state.require_ready()
-    service.check_rate(body.model, who)
-    try:
-        return await cancel_on_disconnect(request.receive, service.handle(body, who if state.keys.users else None))
-    except ClientGone:
-        return Response(status_code=499)
+    return await _generate(service, body, request, state)
 
 
 @router.post("/v1/moderations")
