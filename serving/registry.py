@@ -200,7 +200,9 @@ class TaskRegistry:
         served = self.served()
         try:
             if self.store.shared:  # a database call: off the event loop, and finished even if the caller goes
-                await asyncio.shield(asyncio.to_thread(self.store.update, change, served))
+                result = await asyncio.shield(asyncio.to_thread(self.store.update, change, served))
+                if result.version == self.version + 1:  # no other replica's change in between: all of it is served
+                    self.version = result.version  # (else the follower applies the others' changes, then moves on)
             else:  # the state file: synchronous, so nothing is awaited between the write and the switch
                 self.version = self.store.update(change, served).version
         except BaseException:
