@@ -165,7 +165,7 @@ def _replies(base_dir, adapters: list, plugin: str) -> dict:
 
 @pytest.mark.slow
 def test_greedy_replies_are_the_same_with_and_without_the_plugin(base_dir, two_adapters):
-    """Real vLLM, base plus two adapters, the plugin loaded through its entry point in the engine core."""
+    """Real vLLM, base plus two adapters, the plugin loaded through its entry point by the engine."""
     _, adapters = two_adapters
     pair = [adapters["kestrel"], adapters["otter"]]
     on, off = _replies(base_dir, pair, "1"), _replies(base_dir, pair, "0")

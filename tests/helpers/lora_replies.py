@@ -2,7 +2,8 @@
 
 Run as a script (vLLM's engine process needs a __main__ guard). The order is: base on a fresh engine,
 each adapter, then all three in one batch, then base again once both LoRA slots hold an adapter.
-GUARDTUNE_LORA_CPU in the environment decides whether the guardtune plugin acts.
+GUARDTUNE_LORA_CPU in the environment decides whether the guardtune plugin (loaded through its vLLM
+entry point, as in a server) acts.
 """
 
 import json
@@ -12,6 +13,9 @@ import sys
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1" if (os.cpu_count() or 1) >= 2 else "0")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# The engine core in this process: with its own process it may start a step before the mixed batch's
+# other requests arrive, and a base row prefilled alone never meets vLLM's last-slot routing.
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 if __name__ == "__main__":
     base_dir, *adapter_dirs = sys.argv[1:]
