@@ -15,7 +15,6 @@ from serving.engines.base import GenParams
 from serving.errors import APIError
 from serving.generation import (
     Choice,
-    HeldStream,
     ReplyKind,
     Run,
     generation_error,
@@ -107,10 +106,7 @@ class ChatService(GenerationService):
                                            tools=template_tools)
             params = self._params(req, len(prompt_ids), fmt)
             reply = ChatReply(Run(s, ctx, label, prompt_ids, params, slot, t0, self._reply_kind(req, label)), req)
-            if req.stream:
-                return HeldStream(reply.stream(stack), stack)
-            async with stack:
-                return JSONResponse(await reply.complete())
+            return await self.respond(reply, req.stream, stack)
         except BaseException:
             await stack.aclose()
             raise

@@ -14,13 +14,12 @@ import time
 import uuid
 
 import anyio
-from fastapi.responses import JSONResponse
 
 from serving import logprobs
 from serving.auth import key_id
 from serving.engines.base import GenParams
 from serving.errors import APIError
-from serving.generation import HeldStream, ReplyKind, Run, generation_error, sse
+from serving.generation import ReplyKind, Run, generation_error, sse
 from serving.pipeline import ChatContext
 from serving.protocol import CompletionRequest, Usage
 from serving.service import GenerationService
@@ -53,10 +52,7 @@ class CompletionService(GenerationService):
             parts = [await self._part(req, f"{rid}-{i}" if len(prompts) > 1 else rid, p, slot, fmt, label, version,
                                       principal, t0) for i, p in enumerate(prompts)]
             reply = CompletionReply(rid, req, parts, t0)
-            if req.stream:
-                return HeldStream(reply.stream(stack), stack)
-            async with stack:
-                return JSONResponse(await reply.complete())
+            return await self.respond(reply, req.stream, stack)
         except BaseException:
             await stack.aclose()
             raise

@@ -7,10 +7,12 @@ import asyncio
 import contextlib
 import time
 
+from fastapi.responses import JSONResponse
+
 from guardrails import outcomes
 from serving.engines.base import GenParams
 from serving.errors import APIError
-from serving.generation import audit_record
+from serving.generation import HeldStream, audit_record
 from serving.metrics import RequestRecord
 from serving.registry import STABLE, TaskNotFound
 from serving.stages import BASE
@@ -21,6 +23,14 @@ GREEDY = 1e-5  # vLLM's _SAMPLING_EPS: a temperature under it is greedy
 class GenerationService:
     def __init__(self, state):
         self.s = state  # serving.state.ServerState
+
+    @staticmethod
+    async def respond(reply, stream: bool, stack: contextlib.AsyncExitStack):
+        """Stream the reply (`stack` closes when the stream ends) or answer whole (it closes here)."""
+        if stream:
+            return HeldStream(reply.stream(stack), stack)
+        async with stack:
+            return JSONResponse(await reply.complete())
 
     def target(self, model: str, stack: contextlib.AsyncExitStack, session: str | None):
         """(slot or None for the base, prompt format, metrics label, version). A task's slot is looked up and
