@@ -4,9 +4,10 @@
 - today's baseline before it: the injection patterns plus MiniLM similarity to exemplars;
 - the same head trained here on the English MiniLM instead of USE (the encoder choice, measured).
 
-Each reports ROC-AUC and recall at 1% FPR per category and per language against the benign test
-rows; the classifier also at its committed threshold (set on the calib split, never on test), with
-per-input latency (p50/p95, one input at a time) and a 32-input batch.
+Each reports ROC-AUC and recall at 1% FPR per category and per language against the test split's
+traffic rows (guardrails/classifier/data.py), and apart the share of the twins of attacks flagged; the
+classifier also at its committed threshold (set on the calib split, never on test), with per-input
+latency (p50/p95, one input at a time) and a 32-input batch.
 `--external DIR` scores JSONL files that are not in the project ({"text", "kind", "lang"}, kind
 "benign" or an attack kind), e.g. public sets: per kind and language, the share flagged at the
 committed threshold and the recall at 1% FPR against DIR's own benign rows.
@@ -65,7 +66,7 @@ def minilm_head(train_rows, test_rows) -> np.ndarray:
 def run(external: Path | None = None) -> dict:
     rows = augment(load_seeds())
     train, test = [r for r in rows if r.split == "train"], [r for r in rows if r.split == "test"]
-    labels, langs = [r.labels for r in test], [r.lang for r in test]
+    labels, langs, traffic = [r.labels for r in test], [r.lang for r in test], [r.traffic for r in test]
     clf = Classifier.load()
     texts = [r.text for r in test]
     legacy = PatternsPlusSimilarity()
@@ -73,9 +74,9 @@ def run(external: Path | None = None) -> dict:
     base[:, 0] = [legacy.score(t) for t in texts]  # one score for everything: it only knows injection
     out = {"meta": results_io.meta(test_rows=len(test), train_rows=len(train), threshold=clf.head.threshold),
            "classifier": metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
-                                       clf.flags),
-           "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD),
-           "minilm_head": metrics.table(minilm_head(train, test), labels, langs, CATEGORIES),
+                                       clf.flags, traffic),
+           "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD, negatives=traffic),
+           "minilm_head": metrics.table(minilm_head(train, test), labels, langs, CATEGORIES, negatives=traffic),
            "latency": latency(clf, texts)}
     if external is not None:
         out["external"] = external_sets(clf, legacy, external)
@@ -113,9 +114,11 @@ def lines(res: dict | None) -> list[str]:
     if res is None:
         return []
     info, ours, base, mini = res["meta"], res["classifier"], res["baseline"], res["minilm_head"]
-    out = [f"Detection on the held-out test split ({info['test_rows']} rows, {ours['overall']['benign']} of them "
-           f"benign; measured {info['date']} on {info['machine']}). Recall at 1% FPR is against the test "
-           "split's benign rows; 'flagged' is at the committed threshold (set on the calib split, never on test); "
+    twins = ours["twins"]
+    out = [f"Detection on the held-out test split ({info['test_rows']} rows: {ours['overall']['n']} attacks, "
+           f"{ours['overall']['benign']} rows of customer-service and assistant traffic, {twins['n']} benign twins of "
+           f"attacks; measured {info['date']} on {info['machine']}). Recall at 1% FPR is against the traffic rows; "
+           "'flagged' is at the committed threshold (set on the calib split's traffic, never on test); "
            "'named' is the share of a category's flagged rows that the classifier put in that category:", ""]
     rows = []
     for cat in [*CATEGORIES, "(any)"]:
@@ -128,9 +131,12 @@ def lines(res: dict | None) -> list[str]:
                      c.get("named", ""), m["recall_at_1pct_fpr"], b["roc_auc"], b["recall_at_1pct_fpr"]])
     out += results_io.table(["category", "rows", "AUC", "recall@1%FPR", "flagged", "en r@1%", "zh r@1%", "de r@1%",
                              "named", "MiniLM head r@1%", "baseline AUC", "baseline r@1%"], rows)
-    out += ["", "Per language (every attack row against that language's benign rows):", ""]
+    out += ["", f"At the threshold the classifier flags {ours['overall']['fpr_at_threshold']} of the traffic rows "
+            f"and {twins['flagged']} of the twins. Against every benign row, twins included, its recall at 1% FPR "
+            f"is {twins['recall_at_1pct_fpr_against_all_benign']}."]
+    out += ["", "Per language (every attack row against that language's traffic rows):", ""]
     out += results_io.table(
-        ["language", "attack rows", "benign rows", "AUC", "recall@1%FPR", "flagged", "benign flagged",
+        ["language", "attack rows", "traffic rows", "AUC", "recall@1%FPR", "flagged", "traffic flagged",
          "baseline recall@1%FPR"],
         [[lg, v["n"], v["benign"], v["roc_auc"], v["recall_at_1pct_fpr"], v["recall_at_threshold"],
           v["fpr_at_threshold"], base["languages"][lg]["recall_at_1pct_fpr"]] for lg, v in ours["languages"].items()])

