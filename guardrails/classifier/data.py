@@ -1,12 +1,14 @@
 """The classifier's data: hand-written seed rows, split by seed, then augmented within each split.
 
-Seeds live in `seeds/*.jsonl` ({"text", "labels", "lang", "form"}). The benign rows of `benign_*` and
-`traffic_*` files are ordinary customer-service and assistant traffic, hard negatives included: the
-false-positive budget is set and measured on them. Benign rows in the other files are twins of their
-attacks, written to look like them; they are trained on and their flagged share is reported apart. A seed's split comes from a
+Seeds live in `seeds/*.jsonl` ({"text", "labels", "lang", "form"}). A seed's split comes from a
 hash of its text, so it never changes when rows are added or reordered, and every variant made from
 a seed (obfuscated, wrapped in a long text, turned into a conversation) stays in its seed's split:
 no variant of a test seed is ever trained on or used to choose a threshold.
+
+The benign rows of `benign_*` and `traffic_*` files are ordinary customer-service and assistant
+traffic, hard negatives included: the false-positive budget is set and measured on them. Benign rows
+in the other files are twins of their attacks, written to look like them; they are trained on, and
+their flagged share is reported apart.
 """
 
 from __future__ import annotations
