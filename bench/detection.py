@@ -28,9 +28,10 @@ from guardrails.classifier import metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, OUTPUTS
 from guardrails.classifier.data import load_seeds
-from guardrails.classifier.fit import fit_mlp
+from guardrails.classifier.fit import fit_ensemble
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier
+from guardrails.classifier.settings import TrainConfig
 from guardrails.classifier.train import targets
 from kernel.encoder import embed
 
@@ -57,9 +58,12 @@ def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
 
 
 def minilm_head(train_rows, test_rows) -> np.ndarray:
-    """The classifier's head recipe on MiniLM embeddings (English-only encoder): test scores."""
+    """The classifier's head recipe (TrainConfig's defaults) on MiniLM embeddings (English-only encoder): test scores."""
+    cfg = TrainConfig()
     x = embed([r.text for r in train_rows])
-    weights, biases = fit_mlp(x, targets(train_rows), hidden=256, seed=0, epochs=60, alpha=0.1)
+    again = [i for i, r in enumerate(train_rows) if r.traffic] * (cfg.traffic_weight - 1)  # as train.py: traffic counts more
+    x, train_rows = np.concatenate([x, x[again]]), train_rows + [train_rows[i] for i in again]
+    weights, biases = fit_ensemble(x, targets(train_rows), cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
     return Head(weights, biases).scores(embed([r.text for r in test_rows]))
 
 

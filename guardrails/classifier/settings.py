@@ -12,6 +12,8 @@ class TrainConfig:
     hidden: int = 256
     epochs: int = 60
     alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
+    members: int = 3  # MLPs averaged into one head (fit.fit_ensemble)
+    traffic_weight: int = 2  # times each traffic row is trained on: the false-positive budget is spent on them
     fpr: float = 0.01  # the benign share allowed to be flagged, per language
     per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
     seed: int = 0

@@ -20,7 +20,7 @@ from guardrails.classifier import encoder, metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES
 from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
-from guardrails.classifier.fit import calibrate, fit_logreg, fit_mlp
+from guardrails.classifier.fit import calibrate, fit_ensemble, fit_logreg
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, text_windows
 from guardrails.classifier.settings import TrainConfig
@@ -76,17 +76,17 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
         ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     cache = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
 
-    x = cache.encode([text_windows(r.text)[0] for r in split["train"]], log)
-    y = targets(split["train"])
-    log(f"fitting a {cfg.head} head on {len(x)} rows")
-    weights, biases = (fit_mlp(x, y, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha) if cfg.head == "mlp"
-                       else fit_logreg(x, y))
+    fit_rows = split["train"] + [r for r in split["train"] if r.traffic] * (cfg.traffic_weight - 1)
+    x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
+    y = targets(fit_rows)
+    log(f"fitting a {cfg.head} head on {len(x)} rows" + (f" ({cfg.members} members)" if cfg.head == "mlp" else ""))
+    weights, biases = (fit_ensemble(x, y, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
+                       if cfg.head == "mlp" else fit_logreg(x, y))
     head = Head(weights, biases)
     clf = Classifier(head, encode=lambda windows: cache.encode(windows, log))
 
     calib = split["calib"]
-    head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], [r.lang for r in calib],
-                               np.array([r.traffic for r in calib]), cfg.fpr)
+    head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], np.array([r.traffic for r in calib]), cfg.fpr)
     test = split["test"]
     report = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
                            CATEGORIES, head.threshold, cfg.fpr, head.flags, [r.traffic for r in test])

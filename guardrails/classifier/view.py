@@ -1,14 +1,16 @@
-"""What the classifier reads of a text: the normalised text with common disguises undone.
+"""What the classifier reads of a text: the text as it looks, with common disguises undone.
 
-The moderation pipeline has already applied NFKC and removed invisible characters. This view goes
-further, for the classifier only (the model still gets the text as written): Cyrillic and Greek
-letters that look Latin become Latin inside Latin words, digits and symbols standing for letters
-inside words become those letters, and s p a c e d or d.o.t.t.e.d letters are joined.
+First NFKC and no invisible characters, as the normalise scanner gives serving (applied here too, so
+training and the test split read what serving reads). Then, for the classifier only (the model still
+gets the text as written): Cyrillic and Greek letters that look Latin become Latin inside Latin
+words, digits and symbols standing for letters inside words become those letters, s p a c e d or
+d.o.t.t.e.d letters are joined, and rAnDoM cAsE becomes lower case.
 """
 
 from __future__ import annotations
 
 from guardrails import linear
+from guardrails.visible import visible
 
 # Look-alikes of Latin letters (lower and upper case), from Cyrillic and Greek.
 _CONFUSABLE = str.maketrans({
@@ -30,7 +32,21 @@ _SPACED = linear.compile(r"(?:\b[A-Za-z][ .\-_*|/]){4,}[A-Za-z]\b|(?:\p{Han} ){3
 _SEPARATORS = str.maketrans("", "", " .-_*|/")
 
 
+def _odd_case(word: str) -> bool:
+    """Upper case after the first letter, in a word that is not all capitals ("coULd", "iPhone")."""
+    return not word.isupper() and not word[1:].islower()
+
+
+def _uncased(text: str) -> str:
+    """Lower case when at least three words, and half the cased words of three letters or more, flip
+    case inside: a disguise (random case makes most words odd), not a few brand names."""
+    words = [w for w in (t.strip(".,;:!?\"'()[]") for t in text.split()) if len(w) >= 3 and w.lower() != w.upper()]
+    odd = sum(_odd_case(w) for w in words)
+    return text.lower() if odd >= 3 and odd >= 0.5 * len(words) else text
+
+
 def classifier_view(text: str) -> str:
+    text = _uncased(visible(text))
     if _HAS_LATIN.search(linear.utf8(text)) is not None:
         text = text.translate(_CONFUSABLE)
     text = linear.sub(_SPACED, lambda m: m.translate(_SEPARATORS), text)
