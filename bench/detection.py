@@ -32,7 +32,7 @@ from guardrails.classifier.fit import fit_ensemble
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier
 from guardrails.classifier.settings import TrainConfig
-from guardrails.classifier.train import targets
+from guardrails.classifier.train import fit_order, targets
 from kernel.encoder import embed
 
 
@@ -60,9 +60,8 @@ def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
 def minilm_head(train_rows, test_rows) -> np.ndarray:
     """The classifier's head recipe (TrainConfig's defaults) on MiniLM embeddings (English-only encoder): test scores."""
     cfg = TrainConfig()
-    x = embed([r.text for r in train_rows])
-    again = [i for i, r in enumerate(train_rows) if r.traffic] * (cfg.traffic_weight - 1)  # as train.py: traffic counts more
-    x, train_rows = np.concatenate([x, x[again]]), train_rows + [train_rows[i] for i in again]
+    order = fit_order(train_rows, cfg.traffic_weight)  # each text embedded once
+    x, train_rows = embed([r.text for r in train_rows])[order], [train_rows[i] for i in order]
     weights, biases = fit_ensemble(x, targets(train_rows), cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
     return Head(weights, biases).scores(embed([r.text for r in test_rows]))
 

@@ -65,6 +65,12 @@ def targets(rows: list[Row]) -> np.ndarray:
     return np.array([[bool(r.labels), *(c in r.labels for c in CATEGORIES)] for r in rows], dtype=np.float32)
 
 
+def fit_order(rows: list[Row], traffic_weight: int) -> list[int]:
+    """Indices of the rows a head is fitted on: every row once, then each traffic row again until it
+    counts `traffic_weight` times (the false-positive budget is spent on them)."""
+    return list(range(len(rows))) + [i for i, r in enumerate(rows) if r.traffic] * (traffic_weight - 1)
+
+
 def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[str], None] = print) -> dict:
     t0 = time.time()
     seeds = load_seeds(seeds_dir)
@@ -76,7 +82,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
         ", ".join(f"{k} {len(v)}" for k, v in split.items()))
     cache = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
 
-    fit_rows = split["train"] + [r for r in split["train"] if r.traffic] * (cfg.traffic_weight - 1)
+    fit_rows = [split["train"][i] for i in fit_order(split["train"], cfg.traffic_weight)]
     x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
     y = targets(fit_rows)
     log(f"fitting a {cfg.head} head on {len(x)} rows" + (f" ({cfg.members} members)" if cfg.head == "mlp" else ""))
