@@ -14,6 +14,6 @@ class TrainConfig:
     alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
     members: int = 3  # MLPs averaged into one head (fit.fit_ensemble)
     traffic_weight: int = 2  # times each traffic row is trained on: the false-positive budget is spent on them
-    fpr: float = 0.01  # the benign share allowed to be flagged, per language
+    fpr: float = 0.01  # the share of benign traffic allowed to be flagged (all languages together; fit.calibrate)
     per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
     seed: int = 0
