@@ -28,7 +28,7 @@ from guardrails.classifier import metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, OUTPUTS
 from guardrails.classifier.data import load_seeds
-from guardrails.classifier.fit import fit_ensemble
+from guardrails.classifier.fit import fit_head
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier
 from guardrails.classifier.settings import TrainConfig
@@ -61,8 +61,10 @@ def minilm_head(train_rows, test_rows) -> np.ndarray:
     """The classifier's head recipe (TrainConfig's defaults) on MiniLM embeddings (English-only encoder): test scores."""
     cfg = TrainConfig()
     order = fit_order(train_rows, cfg.traffic_weight)  # each text embedded once
-    x, train_rows = embed([r.text for r in train_rows])[order], [train_rows[i] for i in order]
-    weights, biases = fit_ensemble(x, targets(train_rows), cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
+    vectors = embed([r.text for r in train_rows])
+    negatives = vectors[[i for i, r in enumerate(train_rows) if r.traffic]]
+    x, train_rows = vectors[order], [train_rows[i] for i in order]
+    weights, biases = fit_head(x, targets(train_rows), negatives, cfg)
     return Head(weights, biases).scores(embed([r.text for r in test_rows]))
 
 

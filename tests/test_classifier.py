@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 
 from guardrails import linear
-from guardrails.classifier import metrics
+from guardrails.classifier import encoder, metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, LANGS, closed
 from guardrails.classifier.data import digest, load_seeds, sample
+from guardrails.classifier.fit import fit_head, hard_negatives
 from guardrails.classifier.head import CARD, COMMITTED, Head
-from guardrails.classifier.model import Classifier
+from guardrails.classifier.model import Classifier, text_windows
+from guardrails.classifier.settings import TrainConfig
+from guardrails.classifier.train import targets
 from guardrails.classifier.view import classifier_view
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
@@ -138,6 +141,20 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     assert (traffic >= head.threshold).mean() <= 0.01 + 1e-9
     assert (traffic >= np.nextafter(traffic[traffic < head.threshold].max(), -np.inf)).mean() > 0.01
     assert r.stdout.splitlines()[0].startswith("category")  # the table is printed
+
+
+def test_the_second_fit_lowers_the_benign_rows_the_first_scored_highest(seeds):
+    """The hard-negative refit, on real encoder vectors of a slice: the traffic rows the first head
+    put in its top tenth score lower after it, so the 1% threshold is set by fewer look-alikes."""
+    rows = [r for r in sample(seeds, 8) if r.split == "train"]
+    x = encoder.encode([text_windows(r.text)[0] for r in rows])
+    negatives = x[[i for i, r in enumerate(rows) if r.traffic]]
+    first = Head(*fit_head(x, targets(rows), negatives, TrainConfig(epochs=30, hard_repeat=0)))
+    second = Head(*fit_head(x, targets(rows), negatives, TrainConfig(epochs=30)))
+    before = first.scores(negatives)[:, 0]
+    hard = hard_negatives(before, TrainConfig.hard_top)
+    assert 0 < len(hard) < len(negatives) // 5
+    assert second.scores(negatives)[hard, 0].mean() < before[hard].mean()
 
 
 def test_train_refuses_bad_seed_files_in_one_line(tmp_path):

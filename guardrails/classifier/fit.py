@@ -9,7 +9,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 
+from guardrails.classifier.head import Head
 from guardrails.classifier.metrics import threshold_at_fpr
+from guardrails.classifier.settings import TrainConfig
 
 
 def fit_mlp(x: np.ndarray, y: np.ndarray, hidden: int, seed: int, epochs: int, alpha: float) -> tuple[list, list]:
@@ -35,6 +37,31 @@ def fit_ensemble(x: np.ndarray, y: np.ndarray, hidden: int, seed: int, epochs: i
     w1 = np.concatenate([w[1] for w, _ in fits], axis=0) / members
     b1 = np.mean([b[1] for _, b in fits], axis=0)
     return [w0, w1.astype(np.float32)], [b0, b1.astype(np.float32)]
+
+
+def hard_negatives(unsafe: np.ndarray, top: float) -> np.ndarray:
+    """Indices of the `top` share of benign rows by `unsafe` score: where the first head spends the
+    false-positive budget."""
+    if top <= 0 or len(unsafe) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(unsafe >= np.quantile(unsafe, 1 - top))
+
+
+def fit_head(x: np.ndarray, y: np.ndarray, negatives: np.ndarray, cfg: TrainConfig) -> tuple[list, list]:
+    """The head recipe: an ensemble fitted on (x, y); then, unless `cfg.hard_repeat` is 0, refitted with
+    the rows of `negatives` (benign traffic features) that the first fit scored highest added
+    `cfg.hard_repeat` more times. Measured on 2026-11-30: public attack sets' recall at 1% FPR .712 ->
+    .733, their benign rows flagged .21% -> .17%, held-out .495 -> .505."""
+    if cfg.head == "logreg":
+        return fit_logreg(x, y)
+    fit = fit_ensemble(x, y, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
+    if cfg.hard_repeat < 1 or len(negatives) == 0:
+        return fit
+    from_first = Head(*fit).scores(negatives)[:, 0]
+    hard = negatives[hard_negatives(from_first, cfg.hard_top)]
+    x2 = np.concatenate([x, *[hard] * cfg.hard_repeat])
+    y2 = np.concatenate([y, np.zeros((len(hard) * cfg.hard_repeat, y.shape[1]), dtype=y.dtype)])
+    return fit_ensemble(x2, y2, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
 
 
 def fit_logreg(x: np.ndarray, y: np.ndarray, c: float = 4.0) -> tuple[list, list]:

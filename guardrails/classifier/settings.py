@@ -14,6 +14,8 @@ class TrainConfig:
     alpha: float = 0.1  # L2: strong, because the test of a head is text nobody here wrote
     members: int = 3  # MLPs averaged into one head (fit.fit_ensemble)
     traffic_weight: int = 2  # times each traffic row is trained on: the false-positive budget is spent on them
+    hard_top: float = 0.10  # a second fit: the train traffic rows the first head scores highest, this share...
+    hard_repeat: int = 2  # ...trained on this many more times (0: one fit)
     fpr: float = 0.01  # the share of benign traffic allowed to be flagged (all languages together; fit.calibrate)
     per_group: int | None = None  # a slice: at most this many seeds per (split, language, category)
     seed: int = 0

@@ -20,7 +20,7 @@ from guardrails.classifier import encoder, metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES
 from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
-from guardrails.classifier.fit import calibrate, fit_ensemble, fit_logreg
+from guardrails.classifier.fit import calibrate, fit_head
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, text_windows
 from guardrails.classifier.settings import TrainConfig
@@ -85,9 +85,10 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     fit_rows = [split["train"][i] for i in fit_order(split["train"], cfg.traffic_weight)]
     x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
     y = targets(fit_rows)
-    log(f"fitting a {cfg.head} head on {len(x)} rows" + (f" ({cfg.members} members)" if cfg.head == "mlp" else ""))
-    weights, biases = (fit_ensemble(x, y, cfg.hidden, cfg.seed, cfg.epochs, cfg.alpha, cfg.members)
-                       if cfg.head == "mlp" else fit_logreg(x, y))
+    negatives = cache.encode([text_windows(r.text)[0] for r in split["train"] if r.traffic], log)
+    log(f"fitting a {cfg.head} head on {len(x)} rows" + (f" ({cfg.members} members, then again with the "
+        f"hardest {cfg.hard_top:.0%} of {len(negatives)} traffic rows)" if cfg.head == "mlp" and cfg.hard_repeat else ""))
+    weights, biases = fit_head(x, y, negatives, cfg)
     head = Head(weights, biases)
     clf = Classifier(head, encode=lambda windows: cache.encode(windows, log))
 
