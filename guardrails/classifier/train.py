@@ -86,8 +86,9 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
     y = targets(fit_rows)
     negatives = cache.encode([text_windows(r.text)[0] for r in split["train"] if r.traffic], log)
-    log(f"fitting a {cfg.head} head on {len(x)} rows" + (f" ({cfg.members} members, then again with the "
-        f"hardest {cfg.hard_top:.0%} of {len(negatives)} traffic rows)" if cfg.head == "mlp" and cfg.hard_repeat else ""))
+    again = f", then again with the hardest {cfg.hard_top:.0%} of {len(negatives)} traffic rows"
+    log(f"fitting a {cfg.head} head on {len(x)} rows" +
+        (f" ({cfg.members} members{again if cfg.hard_repeat else ''})" if cfg.head == "mlp" else ""))
     weights, biases = fit_head(x, y, negatives, cfg)
     head = Head(weights, biases)
     clf = Classifier(head, encode=lambda windows: cache.encode(windows, log))
