@@ -85,7 +85,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     fit_rows = [split["train"][i] for i in fit_order(split["train"], cfg.traffic_weight)]
     x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
     y = targets(fit_rows)
-    negatives = cache.encode([text_windows(r.text)[0] for r in split["train"] if r.traffic], log)
+    negatives = x[[i for i, r in enumerate(split["train"]) if r.traffic]]  # fit_order lists every row first
     again = f", then again with the hardest {cfg.hard_top:.0%} of {len(negatives)} traffic rows"
     log(f"fitting a {cfg.head} head on {len(x)} rows" +
         (f" ({cfg.members} members{again if cfg.hard_repeat else ''})" if cfg.head == "mlp" else ""))
