@@ -34,8 +34,8 @@ class ModerationConfig(BaseModel):
     injection: bool = Field(True, description="the injection patterns (English, Chinese, German) before the classifier")
     classifier: bool = Field(True, description="the trained multilingual classifier (prompt_injection, jailbreak "
                                                "and OpenAI's moderation categories)")
-    classifier_dir: Path | None = Field(None, description="a head from `guardtune guard train`; default: the "
-                                                          "committed one")
+    classifier_dir: Path | None = Field(None, description="a head from `guardtune guard train` or `guardtune "
+                                                          "guard calibrate`; default: the committed one")
     block: list[str] = Field(default_factory=lambda: list(BLOCKABLE),
                              description="categories that block a request (default: all)")
     per_task: dict[str, list[str]] = Field(default_factory=dict, description="task -> the categories that block "

@@ -19,6 +19,7 @@ from guardrails.classifier.model import Classifier, text_windows
 from guardrails.classifier.settings import TrainConfig
 from guardrails.classifier.train import targets
 from guardrails.classifier.view import classifier_view
+from guardrails.moderation import ModerationConfig, Moderator
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
 from tests.conftest import run_cli
@@ -155,6 +156,51 @@ def test_the_second_fit_lowers_the_benign_rows_the_first_scored_highest(seeds):
     hard = hard_negatives(before, TrainConfig.hard_top)
     assert 0 < len(hard) < len(negatives) // 5
     assert second.scores(negatives)[hard, 0].mean() < before[hard].mean()
+
+
+def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path, seeds):
+    """`guardtune guard calibrate` as an operator runs it, on benign messages the head never trained on
+    (the test split's traffic): at most the budget of them is flagged, the threshold is the lowest that
+    holds it, and a Moderator given the calibrated head decides by it."""
+    traffic = [r.text for r in seeds if r.split == "test" and r.traffic][:600]
+    path = tmp_path / "traffic.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in traffic), encoding="utf-8")
+    out = tmp_path / "calibrated"
+    r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(path), "--out", str(out), "--fpr", "0.02")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "scored 600/600" in r.stderr and r.stdout.splitlines()[-1] == str(out)
+
+    head, committed = Head.load(out), Head.load()
+    assert all(np.array_equal(a, b) for a, b in zip(head.weights + head.biases, committed.weights + committed.biases))
+    scores = Classifier(committed).scores(traffic)[:, 0]
+    assert (scores >= head.threshold).mean() <= 0.02
+    assert (scores >= np.nextafter(scores[scores < head.threshold].max(), -np.inf)).mean() > 0.02
+    cal = head.card["calibration"]
+    assert (cal["rows"], cal["fpr"], cal["source"]) == (600, 0.02, "traffic.jsonl")
+    assert cal["flagged"] == pytest.approx((scores >= head.threshold).mean(), abs=1e-5)
+
+    # the messages between the two thresholds are decided by the head moderation was given
+    low, high = sorted((head.threshold, committed.threshold))
+    between = [t for t, s in zip(traffic, scores) if low <= s < high]
+    assert between
+    mine = Moderator(ModerationConfig(pii="off", classifier_dir=out))
+    stock = Moderator(ModerationConfig(pii="off"))
+    for text in between[:5]:
+        assert (mine.check(text).blocked_by is None) == (head.threshold > committed.threshold)
+        assert (stock.check(text).blocked_by is None) == (committed.threshold > head.threshold)
+
+
+def test_calibrate_refuses_too_few_or_bad_messages_in_one_line(tmp_path):
+    few = tmp_path / "few.txt"
+    few.write_text("where is my parcel?\nreset my password please\n")
+    r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(few), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: 2 messages cannot set a 1.00% threshold: it needs at least 500, so that 5 of them land above it"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hi"}\n{"message": "hello"}\n')
+    r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: {bad}:2: each line needs a string "text"']
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_refuses_bad_seed_files_in_one_line(tmp_path):

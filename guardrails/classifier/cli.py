@@ -1,4 +1,5 @@
-"""`guardtune guard train`: train the input classifier from the seeds in the repository."""
+"""`guardtune guard train`: train the input classifier from the seeds in the repository.
+`guardtune guard calibrate`: set a head's threshold on a deployment's own benign traffic."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from guardrails.classifier import calibrate
 from guardrails.classifier.data import SEEDS
-from guardrails.classifier.head import CARD
+from guardrails.classifier.head import CARD, Head
 from guardrails.classifier.settings import TrainConfig
 from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
@@ -29,6 +31,15 @@ def add_arguments(sub) -> None:
                                                         "(a quick retrain)")
     t.add_argument("--force", action="store_true", help="retrain even when the cached head exists")
     t.set_defaults(fn=run)
+    c = actions.add_parser("calibrate", help="set the head's threshold on your own benign traffic (a copy of "
+                                             "the head, for moderation.classifier_dir)")
+    c.add_argument("traffic", type=Path, help='benign messages: a .jsonl file with a "text" per line, or a text '
+                                              "file with one message per line")
+    c.add_argument("--out", type=Path, required=True, help="directory for the calibrated head")
+    c.add_argument("--head", type=Path, help="the head to calibrate (default: the committed one)")
+    c.add_argument("--fpr", type=float, default=TrainConfig.fpr,
+                   help="share of the messages that may be flagged (default: %(default)s)")
+    c.set_defaults(fn=run_calibrate)
 
 
 def _cache_dir(cfg: TrainConfig, seeds: Path) -> Path:
@@ -52,4 +63,14 @@ def run(args: argparse.Namespace) -> int:
         card = train(cfg, out, args.seeds, log=lambda m: print(m, file=sys.stderr))
     print(summary(card))
     print(out)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    head = Head.load(args.head)
+    texts = calibrate.read_traffic(args.traffic)
+    log = (lambda m: print(m, file=sys.stderr))
+    card = calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=log).save(args.out)
+    print(calibrate.describe(card))
+    print(args.out)
     return 0

@@ -1,0 +1,89 @@
+"""A head's threshold set on a deployment's own benign traffic (`guardtune guard calibrate`).
+
+The committed threshold is set on the project's traffic rows, many of them hard negatives written to
+look like attacks, so on ordinary customer-service traffic it spends far less than its budget (0.17%
+of the public sets' benign rows flagged against 1%). An operator's own messages put the threshold
+where their budget is. Unlabelled logs that hold a few attacks only raise it: the safe direction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from guardrails.classifier import metrics
+from guardrails.classifier.head import Head
+from guardrails.classifier.model import Classifier
+from kernel.errors import GuardtuneError
+
+FLAGS_NEEDED = 5  # benign rows that must land above the threshold: fewer and one message moves it
+MAX_ROWS = 200_000  # scores are kept in memory; more rows do not sharpen a 1% quantile
+BATCH = 256
+
+
+def min_rows(fpr: float) -> int:
+    return math.ceil(FLAGS_NEEDED / fpr)
+
+
+def read_traffic(path: Path, limit: int = MAX_ROWS) -> list[str]:
+    """Benign messages: JSONL with a string "text" per line (a `.jsonl` file), else one message per
+    line. Blank lines are skipped; a bad line is an error that names it."""
+    jsonl = path.suffix == ".jsonl"
+    texts: list[str] = []
+    try:
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if len(texts) == limit:
+                    raise GuardtuneError(f"{path}: more than {limit} messages; a sample of them sets the same "
+                                         "threshold")
+                texts.append(_jsonl_text(line, path, n) if jsonl else line.rstrip("\n"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise GuardtuneError(f"{path}: {e}") from None
+    return texts
+
+
+def _jsonl_text(line: str, path: Path, n: int) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GuardtuneError(f"{path}:{n}: not JSON ({e.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        raise GuardtuneError(f'{path}:{n}: each line needs a string "text"')
+    return row["text"]
+
+
+def unsafe_scores(head: Head, texts: list[str], log: Callable[[str], None]) -> np.ndarray:
+    clf = Classifier(head)
+    out = []
+    for i in range(0, len(texts), BATCH):
+        out.append(clf.scores(texts[i:i + BATCH])[:, 0])
+        log(f"scored {min(i + BATCH, len(texts))}/{len(texts)}")
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+
+def calibrate(head: Head, texts: list[str], fpr: float, source: str,
+              log: Callable[[str], None] = lambda m: None) -> Head:
+    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card."""
+    if not 0 < fpr <= 0.5:
+        raise GuardtuneError(f"--fpr must be in (0, 0.5], got {fpr}")
+    if len(texts) < min_rows(fpr):
+        raise GuardtuneError(f"{len(texts)} messages cannot set a {fpr:.2%} threshold: it needs at least "
+                             f"{min_rows(fpr)}, so that {FLAGS_NEEDED} of them land above it")
+    scores = unsafe_scores(head, texts, log)
+    threshold = metrics.threshold_at_fpr(scores, fpr)
+    record = {"source": source, "rows": len(texts), "fpr": fpr, "threshold_before": round(head.threshold, 6),
+              "flagged_before": round(float((scores >= head.threshold).mean()), 5),
+              "flagged": round(float((scores >= threshold).mean()), 5)}
+    return Head(head.weights, head.biases, threshold, {**head.card, "calibration": record})
+
+
+def describe(card: dict) -> str:
+    c = card["calibration"]
+    return (f"threshold {c['threshold_before']:.4f} -> {card['threshold']:.4f} on {c['rows']} messages of "
+            f"{c['source']}: flagged {c['flagged_before']:.2%} -> {c['flagged']:.2%} (budget {c['fpr']:.2%})")
