@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from guardrails import linear
-from guardrails.classifier import encoder, metrics
+from guardrails.classifier import calibrate, encoder, metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, LANGS, closed
 from guardrails.classifier.data import digest, load_seeds, sample
@@ -172,16 +172,17 @@ def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path,
 
     head, committed = Head.load(out), Head.load()
     assert all(np.array_equal(a, b) for a, b in zip(head.weights + head.biases, committed.weights + committed.biases))
-    scores = Classifier(committed).scores(traffic)[:, 0]
+    scores = calibrate.unsafe_scores(committed, traffic, lambda m: None)  # batched as the command batches
     assert (scores >= head.threshold).mean() <= 0.02
     assert (scores >= np.nextafter(scores[scores < head.threshold].max(), -np.inf)).mean() > 0.02
     cal = head.card["calibration"]
     assert (cal["rows"], cal["fpr"], cal["source"]) == (600, 0.02, "traffic.jsonl")
     assert cal["flagged"] == pytest.approx((scores >= head.threshold).mean(), abs=1e-5)
+    assert "test" not in head.card and cal["test_before"] == committed.card["test"]  # measured at the old threshold
 
     # the messages between the two thresholds are decided by the head moderation was given
     low, high = sorted((head.threshold, committed.threshold))
-    between = [t for t, s in zip(traffic, scores) if low <= s < high]
+    between = [t for t, s in zip(traffic, scores) if low + 1e-4 < s < high - 1e-4]
     assert between
     mine = Moderator(ModerationConfig(pii="off", classifier_dir=out))
     stock = Moderator(ModerationConfig(pii="off"))
@@ -201,6 +202,9 @@ def test_calibrate_refuses_too_few_or_bad_messages_in_one_line(tmp_path):
     r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(bad), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: {bad}:2: each line needs a string "text"']
     assert not (tmp_path / "o").exists()
+    r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(few), "--out", str(COMMITTED))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --out is the head being calibrated: write the calibrated copy elsewhere"]
 
 
 def test_train_refuses_bad_seed_files_in_one_line(tmp_path):

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from guardrails.classifier import metrics
-from guardrails.classifier.head import Head
+from guardrails.classifier.head import CARD, WEIGHTS, Head
 from guardrails.classifier.model import Classifier
 from kernel.errors import GuardtuneError
 
 FLAGS_NEEDED = 5  # benign rows that must land above the threshold: fewer and one message moves it
-MAX_ROWS = 200_000  # scores are kept in memory; more rows do not sharpen a 1% quantile
+MAX_ROWS = 200_000  # more rows do not sharpen a 1% quantile
+MAX_BYTES = 256 << 20  # the file is held in memory
+MAX_LINE = 1 << 20
 BATCH = 256
 
 
@@ -32,17 +36,21 @@ def min_rows(fpr: float) -> int:
 def read_traffic(path: Path, limit: int = MAX_ROWS) -> list[str]:
     """Benign messages: JSONL with a string "text" per line (a `.jsonl` file), else one message per
     line. Blank lines are skipped; a bad line is an error that names it."""
-    jsonl = path.suffix == ".jsonl"
+    jsonl = path.suffix.lower() == ".jsonl"
     texts: list[str] = []
     try:
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        if path.stat().st_size > MAX_BYTES:
+            raise GuardtuneError(f"{path}: larger than {MAX_BYTES >> 20} MiB; a sample of it sets the same threshold")
+        with path.open(encoding="utf-8-sig") as f:
+            for n, line in enumerate(iter(lambda: f.readline(MAX_LINE + 1), ""), 1):
+                if len(line) > MAX_LINE:
+                    raise GuardtuneError(f"{path}:{n}: longer than {MAX_LINE} characters")
                 if not line.strip():
                     continue
                 if len(texts) == limit:
                     raise GuardtuneError(f"{path}: more than {limit} messages; a sample of them sets the same "
                                          "threshold")
-                texts.append(_jsonl_text(line, path, n) if jsonl else line.rstrip("\n"))
+                texts.append(_jsonl_text(line, path, n) if jsonl else line.rstrip("\r\n"))
     except (OSError, UnicodeDecodeError) as e:
         raise GuardtuneError(f"{path}: {e}") from None
     return texts
@@ -53,6 +61,8 @@ def _jsonl_text(line: str, path: Path, n: int) -> str:
         row = json.loads(line)
     except json.JSONDecodeError as e:
         raise GuardtuneError(f"{path}:{n}: not JSON ({e.msg})") from None
+    except RecursionError:
+        raise GuardtuneError(f"{path}:{n}: JSON nested too deeply") from None
     if not isinstance(row, dict) or not isinstance(row.get("text"), str):
         raise GuardtuneError(f'{path}:{n}: each line needs a string "text"')
     return row["text"]
@@ -67,20 +77,42 @@ def unsafe_scores(head: Head, texts: list[str], log: Callable[[str], None]) -> n
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def calibrate(head: Head, texts: list[str], fpr: float, source: str,
-              log: Callable[[str], None] = lambda m: None) -> Head:
-    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card."""
+def check_fpr(fpr: float) -> None:
     if not 0 < fpr <= 0.5:
         raise GuardtuneError(f"--fpr must be in (0, 0.5], got {fpr}")
+
+
+def calibrate(head: Head, texts: list[str], fpr: float, source: str,
+              log: Callable[[str], None] = lambda m: None) -> Head:
+    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card.
+    The card's test table moves under `calibration`: its shares flagged were at the old threshold."""
+    check_fpr(fpr)
     if len(texts) < min_rows(fpr):
         raise GuardtuneError(f"{len(texts)} messages cannot set a {fpr:.2%} threshold: it needs at least "
                              f"{min_rows(fpr)}, so that {FLAGS_NEEDED} of them land above it")
     scores = unsafe_scores(head, texts, log)
     threshold = metrics.threshold_at_fpr(scores, fpr)
-    record = {"source": source, "rows": len(texts), "fpr": fpr, "threshold_before": round(head.threshold, 6),
-              "flagged_before": round(float((scores >= head.threshold).mean()), 5),
-              "flagged": round(float((scores >= threshold).mean()), 5)}
-    return Head(head.weights, head.biases, threshold, {**head.card, "calibration": record})
+    card = {k: v for k, v in head.card.items() if k != "test"}
+    card["calibration"] = {
+        "source": source, "rows": len(texts), "fpr": fpr, "threshold_before": round(head.threshold, 6),
+        "flagged_before": round(float((scores >= head.threshold).mean()), 5),
+        "flagged": round(float((scores >= threshold).mean()), 5), "test_before": head.card.get("test")}
+    return Head(head.weights, head.biases, threshold, card)
+
+
+def save(head: Head, out: Path) -> dict:
+    """Written beside `out`, then moved in, the card last: a failed write leaves the old head whole."""
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        card = head.save(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in (WEIGHTS, CARD):
+            os.replace(tmp / name, out / name)
+    except OSError as e:
+        raise GuardtuneError(f"{out}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return card
 
 
 def describe(card: dict) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from guardrails.classifier import calibrate
 from guardrails.classifier.data import SEEDS
-from guardrails.classifier.head import CARD, Head
+from guardrails.classifier.head import CARD, COMMITTED, Head
 from guardrails.classifier.settings import TrainConfig
 from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
@@ -67,10 +67,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    calibrate.check_fpr(args.fpr)
+    if args.out.resolve() == (args.head or COMMITTED).resolve():
+        raise GuardtuneError("--out is the head being calibrated: write the calibrated copy elsewhere")
     head = Head.load(args.head)
     texts = calibrate.read_traffic(args.traffic)
     log = (lambda m: print(m, file=sys.stderr))
-    card = calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=log).save(args.out)
+    card = calibrate.save(calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=log), args.out)
     print(calibrate.describe(card))
     print(args.out)
     return 0
