@@ -22,6 +22,7 @@ from guardrails.classifier.view import classifier_view
 from guardrails.moderation import ModerationConfig, Moderator
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
+from guardrails.stores import open_audit_store
 from tests.conftest import run_cli
 
 
@@ -191,6 +192,31 @@ def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path,
         assert (stock.check(text).blocked_by is None) == (committed.threshold > head.threshold)
 
 
+def test_calibrate_reads_the_audit_export_newest_user_turn(tmp_path, seeds):
+    """The operator's traffic is already in the audit store: `guardtune audit --json` piped to a file
+    calibrates on each request's newest user turn (earlier turns repeat across a conversation)."""
+    texts = [r.text for r in seeds if r.split == "calib" and r.traffic][:500]
+    assert len(texts) == 500
+    db = tmp_path / "audit.db"
+    store = open_audit_store(db)
+    for i, text in enumerate(texts):
+        prompt = [{"role": "system", "content": "You are Kestrel's assistant."},
+                  {"role": "user", "content": "Hallo"}, {"role": "assistant", "content": "Hallo! Wie kann ich helfen?"},
+                  {"role": "user", "content": [{"type": "text", "text": text}]}]
+        store.write({"request_id": f"r{i}", "ts": 1_800_000_000 + i, "task": "support", "outcome": "passed",
+                     "prompt": prompt})
+    store.close()
+    export = run_cli("-m", "guardtune.cli", "audit", "--db", str(db), "--json", "--limit", "1000")
+    assert export.returncode == 0, export.stderr
+    (tmp_path / "audit.jsonl").write_text(export.stdout, encoding="utf-8")
+    r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(tmp_path / "audit.jsonl"), "--out", str(tmp_path / "h"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    head = Head.load(tmp_path / "h")
+    scores = calibrate.unsafe_scores(Head.load(), texts[::-1], lambda m: None)  # the export is newest first
+    assert head.card["calibration"]["rows"] == 500
+    assert head.threshold == pytest.approx(metrics.threshold_at_fpr(scores, 0.01), abs=1e-6)
+
+
 def test_calibrate_refuses_too_few_or_bad_messages_in_one_line(tmp_path):
     few = tmp_path / "few.txt"
     few.write_text("where is my parcel?\nreset my password please\n")
@@ -200,7 +226,8 @@ def test_calibrate_refuses_too_few_or_bad_messages_in_one_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "hi"}\n{"message": "hello"}\n')
     r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(bad), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f'error: {bad}:2: each line needs a string "text"']
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f'error: {bad}:2: each line needs a string "text", or is an audit record with a user turn in its "prompt"']
     assert not (tmp_path / "o").exists()
     r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(few), "--out", str(COMMITTED))
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [

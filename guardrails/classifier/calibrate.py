@@ -34,8 +34,8 @@ def min_rows(fpr: float) -> int:
 
 
 def read_traffic(path: Path, limit: int = MAX_ROWS) -> list[str]:
-    """Benign messages: JSONL with a string "text" per line (a `.jsonl` file), else one message per
-    line. Blank lines are skipped; a bad line is an error that names it."""
+    """Benign messages: JSONL with a string "text" per line, or audit records (a `.jsonl` file), else one
+    message per line. Blank lines are skipped; a bad line is an error that names it."""
     jsonl = path.suffix.lower() == ".jsonl"
     texts: list[str] = []
     try:
@@ -63,9 +63,25 @@ def _jsonl_text(line: str, path: Path, n: int) -> str:
         raise GuardtuneError(f"{path}:{n}: not JSON ({e.msg})") from None
     except RecursionError:
         raise GuardtuneError(f"{path}:{n}: JSON nested too deeply") from None
-    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-        raise GuardtuneError(f'{path}:{n}: each line needs a string "text"')
-    return row["text"]
+    text = row.get("text") if isinstance(row, dict) else None
+    if text is None and isinstance(row, dict) and isinstance(row.get("prompt"), list):
+        text = _last_user_turn(row["prompt"])
+    if not isinstance(text, str):
+        raise GuardtuneError(f'{path}:{n}: each line needs a string "text", or is an audit record with a user '
+                             'turn in its "prompt"')
+    return text
+
+
+def _last_user_turn(messages: list) -> str | None:
+    """An audit record (`guardtune audit --json`): the request's newest user message, the one its
+    request added (earlier turns repeat across a conversation's requests)."""
+    for m in reversed(messages):
+        if isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            if isinstance(content, list):  # content parts: their text
+                content = "\n".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+            return content if isinstance(content, str) else None
+    return None
 
 
 def unsafe_scores(head: Head, texts: list[str], log: Callable[[str], None]) -> np.ndarray:
