@@ -1,7 +1,7 @@
 """A head's threshold set on a deployment's own benign traffic (`guardtune guard calibrate`).
 
 The committed threshold is set on the project's traffic rows, many of them hard negatives written to
-look like attacks, so on ordinary customer-service traffic it spends far less than its budget (0.17%
+look like attacks, so on ordinary customer-service traffic it spends far less than its budget (0.33%
 of the public sets' benign rows flagged against 1%). An operator's own messages put the threshold
 where their budget is. Unlabelled logs that hold a few attacks only raise it: the safe direction.
 """
