@@ -118,6 +118,7 @@ def calibrate(head: Head, texts: list[str], fpr: float, source: str,
 
 def save(head: Head, out: Path) -> dict:
     """Written beside `out`, then moved in, the card last: a failed write leaves the old head whole."""
+    out = out.resolve()  # "." has no name to put the temporary one beside
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         card = head.save(tmp)

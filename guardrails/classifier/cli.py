@@ -33,8 +33,9 @@ def add_arguments(sub) -> None:
     t.set_defaults(fn=run)
     c = actions.add_parser("calibrate", help="set the head's threshold on your own benign traffic (a copy of "
                                              "the head, for moderation.classifier_dir)")
-    c.add_argument("traffic", type=Path, help='benign messages: a .jsonl file with a "text" per line, or a text '
-                                              "file with one message per line")
+    c.add_argument("traffic", type=Path, help='benign messages: a .jsonl file with a "text" per line (or what '
+                                              "`guardtune audit --json` prints), or a text file with one message "
+                                              "per line")
     c.add_argument("--out", type=Path, required=True, help="directory for the calibrated head")
     c.add_argument("--head", type=Path, help="the head to calibrate (default: the committed one)")
     c.add_argument("--fpr", type=float, default=TrainConfig.fpr,
@@ -72,8 +73,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise GuardtuneError("--out is the head being calibrated: write the calibrated copy elsewhere")
     head = Head.load(args.head)
     texts = calibrate.read_traffic(args.traffic)
-    log = (lambda m: print(m, file=sys.stderr))
-    card = calibrate.save(calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=log), args.out)
+    calibrated = calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=lambda m: print(m, file=sys.stderr))
+    card = calibrate.save(calibrated, args.out)
     print(calibrate.describe(card))
     print(args.out)
     return 0
