@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -28,9 +27,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import results_io  # noqa: E402
+from bench.detection import load_external  # noqa: E402
 from guardrails.classifier import metrics  # noqa: E402
 from guardrails.classifier.augment import augment  # noqa: E402
-from guardrails.classifier.calibrate import calibrate  # noqa: E402
+from guardrails.classifier.calibrate import calibrated  # noqa: E402
 from guardrails.classifier.data import load_seeds  # noqa: E402
 from guardrails.classifier.head import Head  # noqa: E402
 from guardrails.classifier.model import Classifier  # noqa: E402
@@ -39,11 +39,6 @@ from guardrails.scanners.normalise import Normalise  # noqa: E402
 
 FPR = 0.01
 CHARS = 4000  # serving's default limits.max_input_chars
-
-
-def load_external(root: Path) -> list[dict]:
-    return [{**json.loads(line), "source": path.stem} for path in sorted(root.glob("*.jsonl"))
-            for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def half_of(text: str) -> int:
@@ -69,9 +64,9 @@ def halves(head: Head, rows: list[dict], scores: np.ndarray) -> list[dict]:
     benign = [i for i, r in enumerate(rows) if r["kind"] == "benign"]
     out = []
     for side in (0, 1):
-        fit = [i for i in benign if half_of(rows[i]["text"]) == side]
+        fit = np.array([i for i in benign if half_of(rows[i]["text"]) == side])
         held = np.array([i for i in benign if half_of(rows[i]["text"]) != side])
-        cal = calibrate(head, [rows[i]["text"][:CHARS] for i in fit], FPR, f"half {side}")
+        cal = calibrated(head, scores[fit], FPR, f"half {side}")
         out.append({"calibrated_on": len(fit), "threshold": round(cal.threshold, 4),
                     "fpr_unseen_half": _share(scores[held] >= cal.threshold),
                     "flagged": attacks_flagged(scores, rows, cal.threshold)})
@@ -84,7 +79,7 @@ def shift(head: Head, rows: list[dict], scores: np.ndarray) -> dict:
     out = {}
     for src in sorted(set(sources[benign])):
         fit = np.flatnonzero(benign & (sources != src))
-        cal = calibrate(head, [rows[i]["text"][:CHARS] for i in fit], FPR, f"all but {src}")
+        cal = calibrated(head, scores[fit], FPR, f"all but {src}")
         left = benign & (sources == src)
         out[src] = {"rows": int(left.sum()), "threshold": round(cal.threshold, 4),
                     "fpr": _share(scores[left] >= cal.threshold),

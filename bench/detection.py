@@ -91,8 +91,7 @@ def run(external: Path | None = None) -> dict:
 def external_sets(clf: Classifier, legacy: PatternsPlusSimilarity, root: Path) -> dict:
     """Per attack kind and language: flagged at the committed threshold (the baseline at its own),
     and recall at 1% FPR against every benign row in `root`."""
-    rows = [json.loads(line) for path in sorted(root.glob("*.jsonl"))
-            for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+    rows = load_external(root)
     texts = [r["text"][:4000] for r in rows]
     ours = clf.scores(texts)[:, 0]
     base = np.array([legacy.score(t) for t in texts])
@@ -109,6 +108,12 @@ def external_sets(clf: Classifier, legacy: PatternsPlusSimilarity, root: Path) -
             "classifier_r1": round(metrics.recall_at_fpr(ours[sel], ours[benign]), 4),
             "baseline_r1": round(metrics.recall_at_fpr(base[sel], base[benign]), 4)}
     return out
+
+
+def load_external(root: Path) -> list[dict]:
+    """Every row of `root`'s JSONL files, each with its file's stem as its `source`."""
+    return [{**json.loads(line), "source": path.stem} for path in sorted(root.glob("*.jsonl"))
+            for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _share(x: np.ndarray) -> float:

@@ -100,17 +100,26 @@ def check_fpr(fpr: float) -> None:
 
 def calibrate(head: Head, texts: list[str], fpr: float, source: str,
               log: Callable[[str], None] = lambda m: None) -> Head:
-    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card.
-    The card's test table moves under `calibration`: its shares flagged were at the old threshold."""
+    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card."""
+    check_rows(len(texts), fpr)
+    return calibrated(head, unsafe_scores(head, texts, log), fpr, source)
+
+
+def check_rows(rows: int, fpr: float) -> None:
     check_fpr(fpr)
-    if len(texts) < min_rows(fpr):
-        raise GuardtuneError(f"{len(texts)} messages cannot set a {fpr:.2%} threshold: it needs at least "
+    if rows < min_rows(fpr):
+        raise GuardtuneError(f"{rows} messages cannot set a {fpr:.2%} threshold: it needs at least "
                              f"{min_rows(fpr)}, so that {FLAGS_NEEDED} of them land above it")
-    scores = unsafe_scores(head, texts, log)
+
+
+def calibrated(head: Head, scores: np.ndarray, fpr: float, source: str) -> Head:
+    """`calibrate` on messages already scored (their `unsafe` scores). The card's test table moves under
+    `calibration`: its shares flagged were at the old threshold."""
+    check_rows(len(scores), fpr)
     threshold = metrics.threshold_at_fpr(scores, fpr)
     card = {k: v for k, v in head.card.items() if k != "test"}
     card["calibration"] = {
-        "source": source, "rows": len(texts), "fpr": fpr, "threshold_before": round(head.threshold, 6),
+        "source": source, "rows": len(scores), "fpr": fpr, "threshold_before": round(head.threshold, 6),
         "flagged_before": round(float((scores >= head.threshold).mean()), 5),
         "flagged": round(float((scores >= threshold).mean()), 5), "test_before": head.card.get("test")}
     return Head(head.weights, head.biases, threshold, card)
