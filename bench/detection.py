@@ -1,13 +1,16 @@
 """Part 5 of guard_bench: detection on the held-out test split, in one run.
 
-- the trained classifier (USE multilingual v3 + the committed head), as serving runs it;
+- the trained classifier (USE multilingual v3 + the committed head, and its second opinion over USE and
+  e5 vectors for the inputs routed to it), as serving runs it;
+- the USE head alone, without the second opinion (its recall at 1% FPR: no threshold of its own);
 - today's baseline before it: the injection patterns plus MiniLM similarity to exemplars;
 - the same head trained here on the English MiniLM instead of USE (the encoder choice, measured).
 
 Each reports ROC-AUC and recall at 1% FPR per category and per language against the test split's
 traffic rows (guardrails/classifier/data.py), and apart the share of the twins of attacks flagged; the
 classifier also at its committed threshold (set on the calib split, never on test), with per-input
-latency (p50/p95, one input at a time) and a 32-input batch.
+latency (p50/p95, one input at a time) and a 32-input batch, for traffic and for attacks apart: the
+second opinion is asked about most attacks and few ordinary messages.
 `--external DIR` scores JSONL files that are not in the project ({"text", "kind", "lang"}, kind
 "benign" or an attack kind), e.g. public sets: per kind and language, the share flagged at the
 committed threshold and the recall at 1% FPR against DIR's own benign rows.
@@ -43,6 +46,8 @@ def _pct(xs: list[float], q: float) -> float:
 
 def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
     clf.scores(texts[:2])  # load
+    first = Classifier(clf.head).scores(texts[:n])[:, 0]
+    routed = float((first >= clf.second.route).mean()) if clf.second else 0.0
     times = []
     for text in texts[:n]:
         t0 = time.perf_counter()
@@ -52,7 +57,7 @@ def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
     t0 = time.perf_counter()
     clf.scores(batch)
     batch_ms = (time.perf_counter() - t0) * 1000
-    return {"inputs": len(times), "p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95),
+    return {"inputs": len(times), "routed": round(routed, 4), "p50_ms": _pct(times, 0.5), "p95_ms": _pct(times, 0.95),
             "max_ms": round(max(times), 2), "mean_chars": round(statistics.mean(len(t) for t in texts[:n])),
             "batch32_ms": round(batch_ms, 1), "batch32_per_input_ms": round(batch_ms / len(batch), 2)}
 
@@ -74,6 +79,9 @@ def run(external: Path | None = None) -> dict:
     labels, langs, traffic = [r.labels for r in test], [r.lang for r in test], [r.traffic for r in test]
     clf = Classifier.load()
     texts = [r.text for r in test]
+    rng = np.random.default_rng(0)  # latency on a sample of each kind, not the split's first rows
+    kinds = {"traffic": [t for t, r in zip(texts, test) if r.traffic],
+             "attacks": [t for t, r in zip(texts, test) if r.labels]}
     legacy = PatternsPlusSimilarity()
     base = np.zeros((len(test), len(OUTPUTS)), dtype=np.float32)
     base[:, 0] = [legacy.score(t) for t in texts]  # one score for everything: it only knows injection
@@ -81,8 +89,10 @@ def run(external: Path | None = None) -> dict:
            "classifier": metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
                                        clf.flags, traffic),
            "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD, negatives=traffic),
+           "use_head_alone": metrics.table(Classifier(clf.head).scores(texts), labels, langs, CATEGORIES,
+                                           negatives=traffic),
            "minilm_head": metrics.table(minilm_head(train, test), labels, langs, CATEGORIES, negatives=traffic),
-           "latency": latency(clf, texts)}
+           "latency": {k: latency(clf, [v[i] for i in rng.permutation(len(v))]) for k, v in kinds.items()}}
     if external is not None:
         out["external"] = external_sets(clf, legacy, external)
     return out
@@ -124,6 +134,7 @@ def lines(res: dict | None) -> list[str]:
     if res is None:
         return []
     info, ours, base, mini = res["meta"], res["classifier"], res["baseline"], res["minilm_head"]
+    alone = res.get("use_head_alone") or {"overall": {}, "categories": {}}
     twins = ours["twins"]
     out = [f"Detection on the held-out test split ({info['test_rows']} rows: {ours['overall']['n']} attacks, "
            f"{ours['overall']['benign']} rows of customer-service and assistant traffic, {twins['n']} benign twins of "
@@ -135,12 +146,15 @@ def lines(res: dict | None) -> list[str]:
         c = ours["overall"] if cat == "(any)" else ours["categories"][cat]
         b = base["overall"] if cat == "(any)" else base["categories"][cat]
         m = mini["overall"] if cat == "(any)" else mini["categories"][cat]
+        a = alone["overall"] if cat == "(any)" else alone["categories"].get(cat, {})
         by = c.get("by_lang", {})
         rows.append([cat, c["n"], c["roc_auc"], c["recall_at_1pct_fpr"], c["recall_at_threshold"],
                      *(by[lg]["recall_at_1pct_fpr"] if lg in by else "" for lg in ("en", "zh", "de")),
-                     c.get("named", ""), m["recall_at_1pct_fpr"], b["roc_auc"], b["recall_at_1pct_fpr"]])
+                     c.get("named", ""), a.get("recall_at_1pct_fpr", ""), m["recall_at_1pct_fpr"], b["roc_auc"],
+                     b["recall_at_1pct_fpr"]])
     out += results_io.table(["category", "rows", "AUC", "recall@1%FPR", "flagged", "en r@1%", "zh r@1%", "de r@1%",
-                             "named", "MiniLM head r@1%", "baseline AUC", "baseline r@1%"], rows)
+                             "named", "USE head alone r@1%", "MiniLM head r@1%", "baseline AUC", "baseline r@1%"],
+                            rows)
     out += ["", f"At the threshold the classifier flags {ours['overall']['fpr_at_threshold']} of the traffic rows "
             f"and {twins['flagged']} of the twins. Against every benign row, twins included, its recall at 1% FPR "
             f"is {twins['recall_at_1pct_fpr_against_all_benign']}."]
@@ -150,10 +164,13 @@ def lines(res: dict | None) -> list[str]:
          "baseline recall@1%FPR"],
         [[lg, v["n"], v["benign"], v["roc_auc"], v["recall_at_1pct_fpr"], v["recall_at_threshold"],
           v["fpr_at_threshold"], base["languages"][lg]["recall_at_1pct_fpr"]] for lg, v in ours["languages"].items()])
-    lat = res["latency"]
-    out += ["", f"Classifier latency per input, one at a time ({lat['inputs']} test inputs, mean "
-            f"{lat['mean_chars']} characters): p50 {lat['p50_ms']} ms, p95 {lat['p95_ms']} ms, max {lat['max_ms']} ms; "
-            f"a batch of 32: {lat['batch32_ms']} ms ({lat['batch32_per_input_ms']} ms per input)."]
+    out += ["", "Classifier latency per input, one at a time, on a sample of the test split's rows of each kind "
+            "('routed': the share the second opinion was asked about):", ""]
+    lat = res["latency"] if "p50_ms" not in res["latency"] else {"all": res["latency"]}
+    out += results_io.table(["inputs", "rows", "mean chars", "routed", "p50 ms", "p95 ms", "max ms",
+                             "batch of 32, ms per input"],
+                            [[k, v["inputs"], v["mean_chars"], v.get("routed", ""), v["p50_ms"], v["p95_ms"],
+                              v["max_ms"], v["batch32_per_input_ms"]] for k, v in lat.items()])
     if res.get("external"):
         ext = res["external"]
         out += ["", f"On sets the project did not write (kept outside the repository; see the README): "

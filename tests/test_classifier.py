@@ -125,8 +125,8 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     rows = augment(sample(seeds, 6), 0)
     assert card["data"]["digest"] == digest(rows) and card["data"]["rows"] == len(rows) < 2000
 
-    head = Head.load(out)
-    clf = Classifier(head)
+    clf = Classifier.load(out)
+    head = clf.head
     test = [r for r in rows if r.split == "test"]
     again = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
                           CATEGORIES, head.threshold, 0.01, head.flags, [r.traffic for r in test])
@@ -143,6 +143,15 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     assert (traffic >= head.threshold).mean() <= 0.01 + 1e-9
     assert (traffic >= np.nextafter(traffic[traffic < head.threshold].max(), -np.inf)).mean() > 0.01
     assert r.stdout.splitlines()[0].startswith("category")  # the table is printed
+
+    # the second opinion: asked about a small share of the calib traffic, and it decides those inputs
+    assert card["second"]["route_share"] == TrainConfig.route_share and clf.second is not None
+    first = Classifier(head).scores([r.text for r in calib])
+    routed = first[:, 0] >= clf.second.route
+    assert 0 < routed[np.array([r.traffic for r in calib])].mean() <= 2 * TrainConfig.route_share
+    served = clf.scores([r.text for r in calib])
+    assert np.array_equal(served[~routed], first[~routed])
+    assert not np.allclose(served[routed], first[routed])
 
 
 def test_the_second_fit_lowers_the_benign_rows_the_first_scored_highest(seeds):
@@ -171,9 +180,12 @@ def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path,
     assert r.returncode == 0, r.stderr[-2000:]
     assert "scored 600/600" in r.stderr and r.stdout.splitlines()[-1] == str(out)
 
-    head, committed = Head.load(out), Head.load()
+    ours, shipped = Classifier.load(out), Classifier.load()
+    head, committed = ours.head, shipped.head
     assert all(np.array_equal(a, b) for a, b in zip(head.weights + head.biases, committed.weights + committed.biases))
-    scores = calibrate.unsafe_scores(committed, traffic, lambda m: None)  # batched as the command batches
+    assert ours.second.route == shipped.second.route  # the second opinion goes with it, unchanged
+    assert all(np.array_equal(a, b) for a, b in zip(ours.second.net.weights, shipped.second.net.weights))
+    scores = calibrate.unsafe_scores(shipped, traffic, lambda m: None)  # batched as the command batches
     assert (scores >= head.threshold).mean() <= 0.02
     assert (scores >= np.nextafter(scores[scores < head.threshold].max(), -np.inf)).mean() > 0.02
     cal = head.card["calibration"]
@@ -212,7 +224,7 @@ def test_calibrate_reads_the_audit_export_newest_user_turn(tmp_path, seeds):
     r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(tmp_path / "audit.jsonl"), "--out", str(tmp_path / "h"))
     assert r.returncode == 0, r.stderr[-2000:]
     head = Head.load(tmp_path / "h")
-    scores = calibrate.unsafe_scores(Head.load(), texts[::-1], lambda m: None)  # the export is newest first
+    scores = calibrate.unsafe_scores(Classifier.load(), texts[::-1], lambda m: None)  # the export is newest first
     assert head.card["calibration"]["rows"] == 500
     assert head.threshold == pytest.approx(metrics.threshold_at_fpr(scores, 0.01), abs=1e-6)
 

@@ -1,7 +1,7 @@
 """A head's threshold set on a deployment's own benign traffic (`guardtune guard calibrate`).
 
 The committed threshold is set on the project's traffic rows, many of them hard negatives written to
-look like attacks, so on ordinary customer-service traffic it spends far less than its budget (0.33%
+look like attacks, so on ordinary customer-service traffic it spends far less than its budget (0.42%
 of the public sets' benign rows flagged against 1%). An operator's own messages put the threshold
 where their budget is. Unlabelled logs that hold a few attacks only raise it: the safe direction.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guardrails.classifier import metrics
+from guardrails.classifier import metrics, second
 from guardrails.classifier.head import CARD, WEIGHTS, Head
 from guardrails.classifier.model import Classifier
 from kernel.errors import GuardtuneError
@@ -84,8 +84,7 @@ def _last_user_turn(messages: list) -> str | None:
     return None
 
 
-def unsafe_scores(head: Head, texts: list[str], log: Callable[[str], None]) -> np.ndarray:
-    clf = Classifier(head)
+def unsafe_scores(clf: Classifier, texts: list[str], log: Callable[[str], None]) -> np.ndarray:
     out = []
     for i in range(0, len(texts), BATCH):
         out.append(clf.scores(texts[i:i + BATCH])[:, 0])
@@ -98,11 +97,13 @@ def check_fpr(fpr: float) -> None:
         raise GuardtuneError(f"--fpr must be in (0, 0.5], got {fpr}")
 
 
-def calibrate(head: Head, texts: list[str], fpr: float, source: str,
-              log: Callable[[str], None] = lambda m: None) -> Head:
-    """A copy of `head` whose threshold flags at most `fpr` of `texts`, with the calibration on its card."""
+def calibrate(clf: Classifier, texts: list[str], fpr: float, source: str,
+              log: Callable[[str], None] = lambda m: None) -> Classifier:
+    """A copy of `clf` whose threshold flags at most `fpr` of `texts`, with the calibration on its card.
+    The threshold is on the score served, the second opinion's where it was asked."""
     check_rows(len(texts), fpr)
-    return calibrated(head, unsafe_scores(head, texts, log), fpr, source)
+    head = calibrated(clf.head, unsafe_scores(clf, texts, log), fpr, source)
+    return Classifier(head, clf.encode, clf.second, clf.encode_second)
 
 
 def check_rows(rows: int, fpr: float) -> None:
@@ -125,14 +126,14 @@ def calibrated(head: Head, scores: np.ndarray, fpr: float, source: str) -> Head:
     return Head(head.weights, head.biases, threshold, card)
 
 
-def save(head: Head, out: Path) -> dict:
+def save(clf: Classifier, out: Path) -> dict:
     """Written beside `out`, then moved in, the card last: a failed write leaves the old head whole."""
     out = out.resolve()  # "." has no name to put the temporary one beside
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        card = head.save(tmp)
+        card = clf.save(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for name in (WEIGHTS, CARD):
+        for name in [WEIGHTS, *([second.FILE] if clf.second else []), CARD]:
             os.replace(tmp / name, out / name)
     except OSError as e:
         raise GuardtuneError(f"{out}: {e}") from None

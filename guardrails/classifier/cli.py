@@ -12,7 +12,8 @@ from pathlib import Path
 
 from guardrails.classifier import calibrate
 from guardrails.classifier.data import SEEDS
-from guardrails.classifier.head import CARD, COMMITTED, Head
+from guardrails.classifier.head import CARD, COMMITTED
+from guardrails.classifier.model import Classifier
 from guardrails.classifier.settings import TrainConfig
 from kernel.errors import GuardtuneError
 from kernel.paths import cache_root
@@ -29,6 +30,9 @@ def add_arguments(sub) -> None:
     t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     t.add_argument("--slice", type=int, metavar="N", help="at most N seeds per split, language and category "
                                                         "(a quick retrain)")
+    t.add_argument("--no-second", action="store_true", help="the USE head alone, without the second-opinion head "
+                                                          "over e5 vectors (e5 embeds every training window: about "
+                                                          "two hours on 2 cores the first time, then cached)")
     t.add_argument("--force", action="store_true", help="retrain even when the cached head exists")
     t.set_defaults(fn=run)
     c = actions.add_parser("calibrate", help="set the head's threshold on your own benign traffic (a copy of "
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or (args.slice is not None and args.slice < 1):
         raise GuardtuneError("--epochs and --slice take a positive number")
-    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice)
+    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice, second=not args.no_second)
     out = args.out or _cache_dir(cfg, args.seeds)
     if (out / CARD).exists() and args.out is None and not args.force:
         print(f"reusing {out} (--force retrains)", file=sys.stderr)
@@ -71,9 +75,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibrate.check_fpr(args.fpr)
     if args.out.resolve() == (args.head or COMMITTED).resolve():
         raise GuardtuneError("--out is the head being calibrated: write the calibrated copy elsewhere")
-    head = Head.load(args.head)
+    clf = Classifier.load(args.head)
     texts = calibrate.read_traffic(args.traffic)
-    calibrated = calibrate.calibrate(head, texts, args.fpr, args.traffic.name, log=lambda m: print(m, file=sys.stderr))
+    calibrated = calibrate.calibrate(clf, texts, args.fpr, args.traffic.name, log=lambda m: print(m, file=sys.stderr))
     card = calibrate.save(calibrated, args.out)
     print(calibrate.describe(card))
     print(args.out)

@@ -48,9 +48,7 @@ class Head:
 
     def save(self, out: Path) -> dict:
         out.mkdir(parents=True, exist_ok=True)
-        arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(self.weights)}
-        arrays |= {f"b{i}": b.astype(np.float32) for i, b in enumerate(self.biases)}
-        np.savez_compressed(out / WEIGHTS, **arrays)
+        write_layers(out / WEIGHTS, self.weights, self.biases)
         card = {**self.card, "outputs": list(OUTPUTS), "threshold": self.threshold}
         (out / CARD).write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         return card
@@ -60,13 +58,22 @@ class Head:
         path = Path(path) if path is not None else COMMITTED
         try:
             card = json.loads((path / CARD).read_text(encoding="utf-8"))
-            with np.load(path / WEIGHTS, allow_pickle=False) as z:
-                layers = len([k for k in z.files if k.startswith("w")])
-                weights = [z[f"w{i}"] for i in range(layers)]
-                biases = [z[f"b{i}"] for i in range(layers)]
+            weights, biases = read_layers(path / WEIGHTS)
             threshold = float(card["threshold"])
         except (OSError, ValueError, KeyError) as e:
             raise GuardtuneError(f"classifier head at {path}: {e}") from None
         if tuple(card.get("outputs", ())) != OUTPUTS or weights[-1].shape[1] != len(OUTPUTS):
             raise GuardtuneError(f"classifier head at {path}: its outputs are not {', '.join(OUTPUTS)}")
         return cls(weights, biases, threshold, card)
+
+
+def write_layers(file: Path, weights: list[np.ndarray], biases: list[np.ndarray]) -> None:
+    arrays = {f"w{i}": w.astype(np.float32) for i, w in enumerate(weights)}
+    arrays |= {f"b{i}": b.astype(np.float32) for i, b in enumerate(biases)}
+    np.savez_compressed(file, **arrays)
+
+
+def read_layers(file: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    with np.load(file, allow_pickle=False) as z:
+        layers = len([k for k in z.files if k.startswith("w")])
+        return [z[f"w{i}"] for i in range(layers)], [z[f"b{i}"] for i in range(layers)]

