@@ -1,7 +1,8 @@
 """The second opinion against the USE head alone, in one run: the committed classifier as served, and
 the same head without its second opinion (recall at 1% FPR needs no threshold of its own).
 
-- held-out: the test split's attacks against its traffic rows, overall and per language;
+- held-out: the test split's attacks against its traffic rows, overall and per language, and the
+  share of its traffic flagged at the threshold by seed file (notices, follow-ups, replies...);
 - latency: one input at a time, on a sample of the split's traffic and of its attacks, with the
   share the second opinion was asked about (it is asked about few ordinary messages, most attacks);
 - external (--external DIR): JSONL sets kept outside the repository ({"text", "kind", "lang"}):
@@ -59,6 +60,14 @@ def held_out(both: dict[str, Classifier]) -> dict:
     return out
 
 
+def traffic_flagged(served: Classifier, threshold: float) -> dict:
+    """The held-out traffic flagged at the threshold, by seed file: where the false positives come from."""
+    test = [r for r in augment(load_seeds()) if r.split == "test" and r.traffic]
+    sources, s = np.array([r.source for r in test]), served.scores([r.text for r in test])[:, 0]
+    return {src: [int((sources == src).sum()), round(float((s[sources == src] >= threshold).mean()), 4)]
+            for src in sorted(set(sources))}
+
+
 def external(both: dict[str, Classifier], root: Path, threshold: float) -> dict:
     rows = load_external(root)
     kinds = np.array([r["kind"] for r in rows])
@@ -84,6 +93,7 @@ def run(root: Path | None) -> dict:
     samples = {k: [r.text for r in test if (r.traffic if k == "traffic" else r.labels)] for k in ("traffic", "attacks")}
     samples = {k: [v[i] for i in rng.permutation(len(v))] for k, v in samples.items()}  # the same rows for both
     res = {"meta": results_io.meta(route=clf.second.route, threshold=clf.head.threshold), "held_out": held_out(both),
+           "traffic_flagged": traffic_flagged(served, clf.head.threshold),
            "latency": {k: {name: latency(c, v) for name, c in
                            (("served", clf), ("use_head_alone", Classifier(clf.head)))} for k, v in samples.items()}}
     if root is not None:
@@ -99,7 +109,9 @@ def lines(res: dict) -> list[str]:
     out += results_io.table(["classifier", "all", "en", "zh", "de"],
                             [[k, v["all"], v["en"], v["zh"], v["de"]] for k, v in h.items()])
     out += ["", f"Served over alone: {h['served']['all'] / h['use_head_alone']['all']:.2f}x.", "",
-            "Latency per input, one at a time, on samples of the test split:", ""]
+            "Held-out traffic flagged at the threshold (served), by seed file:", ""]
+    out += results_io.table(["seed file", "rows", "flagged"], [[k, *v] for k, v in res["traffic_flagged"].items()])
+    out += ["", "Latency per input, one at a time, on samples of the test split:", ""]
     out += results_io.table(["inputs", "classifier", "routed", "p50 ms", "p95 ms", "max ms", "mean chars"],
                             [[k, name, v["routed"], v["p50_ms"], v["p95_ms"], v["max_ms"], v["mean_chars"]]
                              for k, per in res["latency"].items() for name, v in per.items()])

@@ -14,7 +14,8 @@ A record, as serving writes it (every key but request_id is optional; what is gi
      "stage": "greeting" | None,          # dialogue stage
      "outcome": "passed",                 # one of guardrails.outcomes (passed, blocked, ..., error_504)
      "blocked_by": "injection" | None,    # optional; else taken from input.blocked_by
-     "input": {"blocked_by": ..., "verdicts": [...], "latency_ms": ...},   # moderation report
+     "input": {"blocked_by": ..., "verdicts": [...], "latency_ms": ...,   # moderation report;
+               "waived": [{"turn": 0, "categories": [...]}]},  # raised in opening system turns, not blocking
      "retrieved": ["doc-1#3", ...],       # chunk ids given to the model
      "prompt": [{"role": ..., "content": ...}, ...],   # the messages the model saw
      "raw_generation": "..." | None,      # what the model wrote; None when blocked before it

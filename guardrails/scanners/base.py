@@ -15,6 +15,7 @@ class Verdict:
     reason: str = ""
     scores: dict[str, float] = field(default_factory=dict)  # per category, for scanners that score several
     flags: tuple[str, ...] = ()  # the categories over their threshold; blocking is the task's policy
+    waived: tuple[str, ...] = ()  # categories it raised that the policy let through (set by moderation.judge)
 
 
 class Scanner(Protocol):

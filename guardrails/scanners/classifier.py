@@ -1,11 +1,18 @@
 """The trained classifier as a scanner: every category's score, and the categories of a flagged input.
 
 It never blocks by itself: which categories block is the task's policy, applied by the Moderator.
+Scores of recent texts are kept: an app resends its system prompt with every request, and a text the
+second opinion reads costs tens of milliseconds or more.
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections import OrderedDict
 from pathlib import Path
+
+import numpy as np
 
 from guardrails.classifier.categories import CATEGORIES
 from guardrails.classifier.model import Classifier
@@ -15,9 +22,10 @@ from guardrails.scanners.base import Verdict
 class ContentClassifier:
     name = "classifier"
 
-    def __init__(self, path: Path | None = None):
+    def __init__(self, path: Path | None = None, cache_size: int = 4096):
         self.path = path
         self._model: Classifier | None = None
+        self.cache = ScoreCache(cache_size)
 
     @property
     def model(self) -> Classifier:
@@ -32,9 +40,37 @@ class ContentClassifier:
         """One encoder batch for all of `texts` (a /v1/moderations request's inputs)."""
         model = self.model
         out = []
-        for text, row in zip(texts, model.scores(texts)):
+        for text, row in zip(texts, self.cache.scores(model.scores, texts)):
             scores = {c: round(float(s), 4) for c, s in zip(CATEGORIES, row[1:])}
             flags = tuple(model.flags(row))
             reason = f"unsafe {row[0]:.2f}: " + ", ".join(flags) if flags else ""
             out.append(Verdict(self.name, text, True, float(row[0]), reason, scores=scores, flags=flags))
         return out
+
+
+class ScoreCache:
+    """Score rows by a hash of their text, least recently used out first; bounded in entries (a row is
+    18 floats). Thread-safe: moderation runs in worker threads."""
+
+    def __init__(self, size: int):
+        self.size, self.hits = size, 0
+        self._rows: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def scores(self, score, texts: list[str]) -> np.ndarray:
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).digest() for t in texts]
+        with self._lock:
+            found = {k: self._rows[k] for k in keys if k in self._rows}
+            for k in found:
+                self._rows.move_to_end(k)
+            self.hits += sum(k in found for k in keys)
+        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        if missing:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            rows = score([texts[first[k]] for k in missing])
+            found |= dict(zip(missing, rows))
+            with self._lock:
+                self._rows.update(zip(missing, rows))
+                while len(self._rows) > self.size:
+                    self._rows.popitem(last=False)
+        return np.stack([found[k] for k in keys]) if keys else np.zeros((0, 0), dtype=np.float32)
