@@ -64,10 +64,9 @@ class ScoreCache:
             for k in found:
                 self._rows.move_to_end(k)
             self.hits += sum(k in found for k in keys)
-        missing = list(dict.fromkeys(k for k in keys if k not in found))
+        missing = {k: t for k, t in zip(keys, texts) if k not in found}  # each text once
         if missing:
-            first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            rows = score([texts[first[k]] for k in missing])
+            rows = score(list(missing.values()))
             found |= dict(zip(missing, rows))
             with self._lock:
                 self._rows.update(zip(missing, rows))
