@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +75,13 @@ def minilm_head(train_rows, test_rows) -> np.ndarray:
 
 
 def run(external: Path | None = None) -> dict:
+    """Each part logs on stderr as it starts: the whole takes about an hour on 2 cores."""
+    t0 = time.perf_counter()
+
+    def step(what: str) -> None:
+        print(f"[detection {time.perf_counter() - t0:6.0f} s] {what}", file=sys.stderr, flush=True)
+
+    step("seeds and their variants")
     rows = augment(load_seeds())
     train, test = [r for r in rows if r.split == "train"], [r for r in rows if r.split == "test"]
     labels, langs, traffic = [r.labels for r in test], [r.lang for r in test], [r.traffic for r in test]
@@ -82,19 +90,26 @@ def run(external: Path | None = None) -> dict:
     rng = np.random.default_rng(0)  # latency on a sample of each kind, not the split's first rows
     kinds = {"traffic": [t for t, r in zip(texts, test) if r.traffic],
              "attacks": [t for t, r in zip(texts, test) if r.labels]}
+    step(f"baseline on {len(test)} test rows")
     legacy = PatternsPlusSimilarity()
     base = np.zeros((len(test), len(OUTPUTS)), dtype=np.float32)
     base[:, 0] = [legacy.score(t) for t in texts]  # one score for everything: it only knows injection
     out = {"meta": results_io.meta(test_rows=len(test), train_rows=len(train), threshold=clf.head.threshold),
-           "classifier": metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
-                                       clf.flags, traffic),
-           "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD, negatives=traffic),
-           "use_head_alone": metrics.table(Classifier(clf.head).scores(texts), labels, langs, CATEGORIES,
-                                           negatives=traffic),
-           "minilm_head": metrics.table(minilm_head(train, test), labels, langs, CATEGORIES, negatives=traffic),
-           "latency": {k: latency(clf, [v[i] for i in rng.permutation(len(v))]) for k, v in kinds.items()}}
+           "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD, negatives=traffic)}
+    step("the classifier, with its second opinion")
+    out["classifier"] = metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
+                                      clf.flags, traffic)
+    step("the USE head alone")
+    out["use_head_alone"] = metrics.table(Classifier(clf.head).scores(texts), labels, langs, CATEGORIES,
+                                          negatives=traffic)
+    step(f"the head trained on MiniLM ({len(train)} train rows)")
+    out["minilm_head"] = metrics.table(minilm_head(train, test), labels, langs, CATEGORIES, negatives=traffic)
+    step("latency")
+    out["latency"] = {k: latency(clf, [v[i] for i in rng.permutation(len(v))]) for k, v in kinds.items()}
     if external is not None:
+        step(f"external sets in {external}")
         out["external"] = external_sets(clf, legacy, external)
+    step("done")
     return out
 
 

@@ -41,12 +41,7 @@ class Compliance:
     def decide(self, raw: str, *, stage: str | None, session_id: str | None, threshold: float) -> Decision:
         t0 = time.perf_counter()
         store = self.store  # one snapshot: a reload mid-decision does not mix two stores
-        reason = ""
-        for scanner in self.output_scanners:
-            v = scanner.scan(raw)
-            if not v.valid or (scanner.name == "pii" and v.score > 0):
-                reason = f"{scanner.name}: {v.reason}"
-                break
+        reason = self.screen(raw)
         match = None
         if not reason and raw.strip():
             match = store.nearest(embed_one(raw), stage)
@@ -59,6 +54,14 @@ class Compliance:
                       else "empty reply" if not raw.strip() else "no script for this stage")
         return Decision("fallback", text, match.score if match else None, match.script.id if match else None,
                         used, variant, stage, reason, _ms(t0))
+
+    def screen(self, text: str) -> str:
+        """Why the output scanners stop `text` ("" when none does): a PII hit or a banned topic."""
+        for scanner in self.output_scanners:
+            v = scanner.scan(text)
+            if not v.valid or (scanner.name == "pii" and v.score > 0):
+                return f"{scanner.name}: {v.reason}"
+        return ""
 
     def infer_stage(self, user_text: str, previous: str | None, min_score: float = 0.35) -> str | None:
         """The stage of the staged script nearest to the user's words; else the session's last stage."""

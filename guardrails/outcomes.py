@@ -19,7 +19,7 @@ FALLBACK = "fallback"  # output compliance replaced the reply with the stage's f
 MONITOR_SCRIPT = "monitor_script"  # monitor mode: would have been SCRIPT, the reply stood
 MONITOR_FALLBACK = "monitor_fallback"  # monitor mode: would have been FALLBACK, the reply stood
 LEAK = "leak"  # the output filter stopped a reply that leaked the system prompt or its canary
-INVALID = "invalid"  # a JSON or tool-call reply that failed its schema or the task's tools was withheld
+INVALID = "invalid"  # a JSON or tool-call reply was withheld: it failed its schema, the task's tools or the output scanners
 MONITOR_INVALID = "monitor_invalid"  # monitor mode: would have been INVALID, the reply stood
 OUTCOMES = (PASSED, BLOCKED, REDACTED, SCRIPT, FALLBACK, MONITOR_SCRIPT, MONITOR_FALLBACK, LEAK, INVALID,
             MONITOR_INVALID)

@@ -114,6 +114,17 @@ class OutputFilter:
         return "".join(out)
 
 
+    def trip_on(self, text: str) -> bool:
+        """Trip on a leak in `text`, another reading of the reply (a data reply's strings, unescaped):
+        a canary, or `min_chars` repeated from a protected text. True when tripped."""
+        if self.leaks is not None and not self.tripped:
+            if any(m.lower() in text.lower() for m in self.leaks.markers):
+                self.tripped = "carries the system prompt's canary"
+            elif longest := max((end - start for start, end, _ in self.leaks.runs(text, 0)), default=0):
+                if longest >= self.leaks.min_chars:
+                    self.tripped = f"repeats {longest} characters of a system prompt"
+        return self.tripped is not None
+
     def whole(self, text: str) -> str:
         """A whole reply at once: what may go out ("" when tripped)."""
         return self.feed(text) + self.finish()

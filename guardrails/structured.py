@@ -159,6 +159,35 @@ def check_json(text: str, schema: dict) -> Verdict:
     return Verdict(error is None, error)
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs: a duplicate key is kept, as some clients read the first."""
+
+
+def readable(texts: Iterable[str]) -> str:
+    """What a person reads in JSON texts: their strings, keys included, unescaped ("\\u006b" is "k"), and
+    their numbers (a card number can be one), one per line, in document order. The output scanners read
+    a data reply through this, so an escape or a split across fields hides nothing that prose would show.
+    A text that is not JSON is read as is."""
+    out: list[str] = []
+    for text in texts:
+        try:
+            stack = [json.loads(text, object_pairs_hook=_Pairs)]
+        except (ValueError, RecursionError):
+            out.append(text)
+            continue
+        while stack:  # no recursion: a hostile depth costs a loop
+            node = stack.pop()
+            if isinstance(node, str):
+                out.append(node)
+            elif isinstance(node, (int, float)) and not isinstance(node, bool):
+                out.append(str(node))
+            elif isinstance(node, _Pairs):
+                stack.extend(reversed([x for pair in node for x in pair]))
+            elif isinstance(node, list):
+                stack.extend(reversed(node))
+    return "\n".join(s for s in out if s.strip())
+
+
 def check_calls(calls: Iterable[tuple[str, str]], offered: dict[str, dict], allowed: set[str] | None) -> Verdict:
     """Each (name, arguments) names an offered tool the task may call, with arguments meeting its schema."""
     for name, arguments in calls:

@@ -2,8 +2,9 @@
 
 Engine deltas are gathered per choice; each choice then gets the guard's decision for its kind of reply:
 - prose goes through the output filter (leaks, PII) and compliance (enforce sends the decision);
-- a JSON or tool-call reply goes through the output filter and is checked against its schema and the
-  task's tools (guardrails/structured.py); enforce withholds one that fails, nothing replaces it.
+- a JSON or tool-call reply goes through the output filter, is checked against its schema and the
+  task's tools (guardrails/structured.py), and its strings go through the output scanners (banned
+  topics, PII); enforce withholds one that fails, nothing replaces it.
 Logprobs stay only on a choice whose text went out as the model wrote it. Metrics and the audit record
 close the run.
 """
@@ -21,7 +22,7 @@ import anyio
 from fastapi.responses import StreamingResponse
 
 from guardrails import outcomes
-from guardrails.structured import check_calls, check_json
+from guardrails.structured import Verdict, check_calls, check_json, readable
 from serving.engines.base import EngineDead, EngineRefused, GenParams, TokenLogprob
 from serving.errors import APIError
 from serving.metrics import RequestRecord
@@ -139,9 +140,14 @@ class Run:
         and no JSON was asked for)."""
         r = self.reply
         calls, content = r.read_calls(filtered) if r.read_calls is not None else ([], filtered)
-        kind = "tool_calls" if calls or r.tool_mode in ("named", "required") else "json" if r.schema else None
+        kind = "tool_calls" if calls or r.tool_mode in ("named", "required") else "json" if r.schema is not None else None
         if kind is None:
             return False
+        # what it says, unescaped: read by the leak check and the output scanners (prose beside calls: below)
+        said = readable([k.arguments for k in calls] if kind == "tool_calls" else [filtered]) if self.guarded else ""
+        if c.filter is not None and c.filter.trip_on(said):  # a leak the JSON escapes hid from the filter
+            c.sent, c.finish, c.keep_logprobs = self.s.pipeline.output.leak_reply(), "content_filter", False
+            return True
         c.calls, c.sent, c.keep_logprobs = calls, content, filtered == raw
         if calls and (r.tool_mode == "auto" or (r.tool_mode == "required" and c.finish == "stop")):
             c.finish = "tool_calls"  # OpenAI's rule: "stop" for a named call
@@ -151,9 +157,12 @@ class Run:
             verdict = await asyncio.to_thread(check_calls, [(k.name, k.arguments) for k in calls], r.offered,
                                               r.allowed)
             if not calls and verdict.valid:
-                verdict = type(verdict)(False, "no tool call in the reply")
+                verdict = Verdict(False, "no tool call in the reply")
         else:
             verdict = await asyncio.to_thread(check_json, filtered, r.schema)
+        if verdict.valid:  # well formed; now what it says
+            if reason := await self.s.pipeline.screen(self.ctx, said):
+                verdict = Verdict(False, reason)
         mode = "enforce" if self.enforce else "monitor"
         c.decision = {"mode": mode, "outcome": outcomes.PASSED if verdict.valid else outcomes.INVALID,
                       "kind": kind, **verdict.report()}

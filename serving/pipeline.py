@@ -5,7 +5,8 @@ Guardrails and RAG plug in here as stages; serving itself knows no policy.
   retrieved context) or intercept the request with a reply of its own (a refusal).
 - A post-stage sees the full generated text and returns the text to send. When a post-stage
   buffers for the task (enforce), streamed replies are buffered, decided, then streamed;
-  otherwise (monitor) the raw reply streams and the stage only records its decision.
+  otherwise (monitor) the raw reply streams and the stage only records its decision. A reply that is
+  data (JSON, tool calls) is not replaced; a post-stage only screens it (`screen`).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class PostStage(Protocol):
 
     def buffers(self, task: str) -> bool: ...  # True: the client sees only what after() returns
     async def after(self, ctx: ChatContext, text: str) -> str: ...
+    async def screen(self, ctx: ChatContext, text: str) -> str: ...  # why a data reply is stopped, or ""
 
 
 class AuditSink(Protocol):
@@ -108,3 +110,10 @@ class Pipeline:
         for stage in self.post:
             text = await stage.after(ctx, text)
         return text
+
+    async def screen(self, ctx: ChatContext, text: str) -> str:
+        """The first post-stage's reason to stop a data reply (JSON, tool calls), or ""."""
+        for stage in self.post:
+            if reason := await stage.screen(ctx, text):
+                return reason
+        return ""

@@ -161,6 +161,13 @@ class ComplianceStage:
             return text
         return await asyncio.to_thread(self._decide, ctx, text, t)
 
+    async def screen(self, ctx: ChatContext, text: str) -> str:
+        """Why the output scanners stop a data reply's readable text ("" when they do not, or the task is
+        not under compliance): a JSON or tool-call reply has no script to become, but it is scanned."""
+        if self._mode(ctx.task) is None:
+            return ""
+        return await asyncio.to_thread(self.compliance.screen, text)
+
     def _decide(self, ctx: ChatContext, text: str, t) -> str:
         """Stage, then decision, off the event loop (session reads and writes are database calls)."""
         session = ctx.scoped_session  # a session belongs to the key that made it

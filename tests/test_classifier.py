@@ -4,6 +4,7 @@ view, on the real packaged encoder. The served side is in test_guardrails.py."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from guardrails.classifier.augment import augment
 from guardrails.classifier.categories import CATEGORIES, LANGS, closed
 from guardrails.classifier.data import digest, load_seeds, sample
 from guardrails.classifier.fit import fit_head, hard_negatives
-from guardrails.classifier.head import CARD, COMMITTED, Head
+from guardrails.classifier.head import CARD, COMMITTED, Head, write_layers
 from guardrails.classifier.model import Classifier, text_windows
 from guardrails.classifier.settings import TrainConfig
 from guardrails.classifier.train import targets
@@ -23,6 +24,7 @@ from guardrails.moderation import ModerationConfig, Moderator
 from guardrails.scanners.injection import PATTERNS, SOURCES
 from guardrails.scanners.normalise import Normalise
 from guardrails.stores import open_audit_store
+from kernel.errors import GuardtuneError
 from tests.conftest import run_cli
 
 
@@ -183,9 +185,10 @@ def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path,
     ours, shipped = Classifier.load(out), Classifier.load()
     head, committed = ours.head, shipped.head
     assert all(np.array_equal(a, b) for a, b in zip(head.weights + head.biases, committed.weights + committed.biases))
-    assert ours.second.route == shipped.second.route  # the second opinion goes with it, unchanged
     assert all(np.array_equal(a, b) for a, b in zip(ours.second.net.weights, shipped.second.net.weights))
-    scores = calibrate.unsafe_scores(shipped, traffic, lambda m: None)  # batched as the command batches
+    # the second opinion goes with it: its route where training put it, or lowered to a threshold below it
+    assert ours.second.route == shipped.second.route or ours.second.route <= head.threshold < shipped.second.route
+    scores = calibrate.unsafe_scores(ours, traffic, lambda m: None)  # batched as the command batches
     assert (scores >= head.threshold).mean() <= 0.02
     assert (scores >= np.nextafter(scores[scores < head.threshold].max(), -np.inf)).mean() > 0.02
     cal = head.card["calibration"]
@@ -193,15 +196,39 @@ def test_calibrating_on_own_traffic_sets_the_threshold_moderation_uses(tmp_path,
     assert cal["flagged"] == pytest.approx((scores >= head.threshold).mean(), abs=1e-5)
     assert "test" not in head.card and cal["test_before"] == committed.card["test"]  # measured at the old threshold
 
-    # the messages between the two thresholds are decided by the head moderation was given
-    low, high = sorted((head.threshold, committed.threshold))
-    between = [t for t, s in zip(traffic, scores) if low + 1e-4 < s < high - 1e-4]
-    assert between
+    # the messages the two heads decide differently are decided by the head moderation was given
+    stock_scores = calibrate.unsafe_scores(shipped, traffic, lambda m: None)
+    differ = [i for i, (a, b) in enumerate(zip(scores, stock_scores))
+              if (a >= head.threshold) != (b >= committed.threshold)
+              and min(abs(a - head.threshold), abs(b - committed.threshold)) > 1e-4]  # clear of either threshold
+    assert differ
     mine = Moderator(ModerationConfig(pii="off", classifier_dir=out))
     stock = Moderator(ModerationConfig(pii="off"))
-    for text in between[:5]:
-        assert (mine.check(text).blocked_by is None) == (head.threshold > committed.threshold)
-        assert (stock.check(text).blocked_by is None) == (committed.threshold > head.threshold)
+    for i in differ[:5]:
+        assert (mine.check(traffic[i]).blocked_by is None) == (scores[i] < head.threshold)
+        assert (stock.check(traffic[i]).blocked_by is None) == (stock_scores[i] < committed.threshold)
+
+
+def test_a_threshold_below_the_route_takes_the_route_down_with_it(tmp_path, seeds):
+    """Where the calibrated threshold lands below the second opinion's route, the route is lowered to it:
+    every message the threshold can flag is read by both encoders, and the budget holds on the scores
+    served then. Saved and loaded, the head serves what was calibrated."""
+    traffic = [r.text for r in seeds if r.split == "test" and r.traffic][:200]
+    shipped = Classifier.load()
+    ours = calibrate.calibrate(shipped, traffic, 0.25, "test traffic")  # a quarter: far below the 4% routed
+    assert ours.second.route <= ours.head.threshold < shipped.second.route
+    served = calibrate.unsafe_scores(ours, traffic, lambda m: None)
+    assert (served >= ours.head.threshold).mean() <= 0.25
+    assert (served >= np.nextafter(served[served < ours.head.threshold].max(), -np.inf)).mean() > 0.25
+    first = calibrate.unsafe_scores(Classifier(shipped.head), traffic, lambda m: None)
+    cal = ours.head.card["calibration"]
+    assert cal["route_before"] == shipped.second.route
+    assert cal["routed_before"] < cal["routed"] == pytest.approx((first >= ours.second.route).mean(), abs=1e-5)
+    card = calibrate.save(ours, tmp_path / "h")
+    again = Classifier.load(tmp_path / "h")
+    assert (again.second.route, again.head.threshold) == (ours.second.route, ours.head.threshold)
+    assert np.array_equal(calibrate.unsafe_scores(again, traffic, lambda m: None), served)
+    assert "the second opinion's route" in calibrate.describe(card)
 
 
 def test_calibrate_reads_the_audit_export_newest_user_turn(tmp_path, seeds):
@@ -223,10 +250,25 @@ def test_calibrate_reads_the_audit_export_newest_user_turn(tmp_path, seeds):
     (tmp_path / "audit.jsonl").write_text(export.stdout, encoding="utf-8")
     r = run_cli("-m", "guardtune.cli", "guard", "calibrate", str(tmp_path / "audit.jsonl"), "--out", str(tmp_path / "h"))
     assert r.returncode == 0, r.stderr[-2000:]
-    head = Head.load(tmp_path / "h")
-    scores = calibrate.unsafe_scores(Classifier.load(), texts[::-1], lambda m: None)  # the export is newest first
+    head = Head.load(tmp_path / "h", encoder.DIM)
+    scores = calibrate.unsafe_scores(Classifier.load(tmp_path / "h"), texts[::-1], lambda m: None)  # newest first
     assert head.card["calibration"]["rows"] == 500
     assert head.threshold == pytest.approx(metrics.threshold_at_fpr(scores, 0.01), abs=1e-6)
+
+
+def test_a_head_for_other_features_fails_at_load_by_name(tmp_path):
+    """Layers that do not chain from the encoders' widths to the outputs are refused when the head is
+    loaded (at server start), not in the first request that routes to them."""
+    shutil.copytree(COMMITTED, tmp_path / "h")
+    shipped = Classifier.load()
+    second = shipped.second.net
+    write_layers(tmp_path / "h" / "second.npz", [second.weights[0][:encoder.DIM], *second.weights[1:]], second.biases)
+    with pytest.raises(GuardtuneError, match=r"second opinion: second\.npz: layer 0 is \(512, \d+\) \+ \(\d+,\), "
+                                             r"after 896 features"):
+        Classifier.load(tmp_path / "h")
+    write_layers(tmp_path / "h" / "head.npz", shipped.head.weights[:-1], shipped.head.biases[:-1])
+    with pytest.raises(GuardtuneError, match=r"head\.npz: \d+ outputs, not 16"):
+        Head.load(tmp_path / "h", encoder.DIM)
 
 
 def test_calibrate_refuses_too_few_or_bad_messages_in_one_line(tmp_path):

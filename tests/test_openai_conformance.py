@@ -79,6 +79,7 @@ JSON_SCHEMA_KW = dict(messages=[{"role": "user", "content": "Alice is 30 years o
 JSON_OBJECT_KW = dict(messages=[{"role": "user", "content": "Reply in JSON with a name and an age."}], max_tokens=60,
                       response_format={"type": "json_object"})
 SAMPLED = dict(temperature=0.8, seed=7)
+GAMBLING = {"gambling": ["tips for betting at an online casino", "how to win money on sports bets"]}
 PROMPT = "The capital of France is"
 
 # guardtune's documented extras; vLLM sends system_fingerprint only in a stream's usage chunk.
@@ -115,7 +116,7 @@ def _guardtune_config(tmp: Path) -> dict:
 
 def _guarded_config(tmp: Path) -> dict:
     return {**_guardtune_config(tmp), "guardrails": {
-        "moderation": {},  # every scanner on, at its defaults
+        "moderation": {"banned_topics": GAMBLING},  # every scanner on, at its defaults, and one banned topic
         "compliance": {"store": str(tmp / "store"), "library": str(LIBRARY), "sessions_db": str(tmp / "sessions.db"),
                        "mode": "enforce"},
         "audit_db": str(tmp / "audit.db"),
@@ -508,6 +509,19 @@ def test_guarded_json_reply_is_checked_not_replaced(off, on):
     same_choices(got.parsed, ref.parsed)
     out = report(got)["output"]
     assert out["outcome"] == "passed" and out["valid"] is True
+
+
+def test_a_banned_topic_in_a_json_reply_is_withheld(on):
+    """A JSON reply has no script to become, but its strings go through the output scanners as prose does.
+    The schema makes the model write the phrase (a `const`), as a model asked for JSON might on its own."""
+    tip = {"type": "object", "properties": {"tip": {"const": "Bet everything on red at the online casino tonight"}},
+           "required": ["tip"]}
+    r = on.chat(messages=[{"role": "user", "content": "Give me one tip as JSON."}], max_tokens=60,
+                response_format={"type": "json_schema", "json_schema": {"name": "tip", "schema": tip}})
+    choice = r.parsed.choices[0]
+    assert choice.finish_reason == "content_filter" and choice.message.content is None
+    out = report(r)["output"]
+    assert out["outcome"] == "invalid" and out["error"].startswith("banned_topics: banned topic 'gambling'")
 
 
 INJECTIONS = [

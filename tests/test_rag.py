@@ -132,6 +132,8 @@ def test_prompt_gets_numbered_sources_and_citations(kb):
     added = with_context(msgs[1:], hits, system_prompt="You are Kira.")
     assert added[0]["role"] == "system" and added[0]["content"] == out[0]["content"]
     assert with_context(msgs, []) == msgs
+    developer = with_context([{**msgs[0], "role": "developer"}, *msgs[1:]], hits)  # the same turn, newer name
+    assert developer == [{**out[0], "role": "developer"}, *out[1:]]
     assert citations(hits) == [{"index": n, "source": h.source, "chunk": h.chunk, "score": round(h.score, 4)}
                                for n, h in enumerate(hits, 1)]
 

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from guardrails.structured import check_calls, check_json
+from guardrails.scanners.topics import BannedTopics
+from guardrails.structured import check_calls, check_json, readable
 from serving import tools
 from serving.protocol import ChatCompletionRequest
 
@@ -88,6 +89,23 @@ def test_data_replies_are_checked_against_their_schema():
     assert "minimum" in check_calls([("refund", '{"order_id": "1", "amount": -3}')], offered, None).error
     assert "did not offer" in check_calls([("delete_account", "{}")], offered, None).error
     assert "may not call" in check_calls([("refund", '{"order_id": "1", "amount": 1}')], offered, {"get_order"}).error
+
+
+def test_the_output_scanners_read_a_data_replys_strings_unescaped():
+    """A JSON reply or a call's arguments reach the output scanners as the strings a person reads: keys and
+    values in order, escapes decoded, so escaping a banned phrase hides nothing."""
+    escaped = json.dumps({"note": "Bet everything on red at the online casino"}).replace("a", "\\u0061")
+    assert "casino" not in escaped
+    said = readable([escaped, '{"order_id": "42", "lines": [{"sku": "A-1"}, 3, true, null]}', "not JSON at all",
+                     '{"card": 4111111111111111, "note": "first", "note": "second"}'])
+    assert said.split("\n") == ["note", "Bet everything on red at the online casino", "order_id", "42", "lines",
+                                 "sku", "A-1", "3", "not JSON at all", "card", "4111111111111111", "note", "first",
+                                 "note", "second"]  # a number, and both values of a repeated key
+    topics = BannedTopics({"gambling": ["tips for betting at an online casino", "how to win money on sports bets"]})
+    assert not topics.scan(readable([escaped])).valid
+    assert topics.scan(readable(['{"order_id": "42", "status": "shipped"}'])).valid
+    deep = "[" * 100_000 + "]" * 100_000  # too deep for json.loads: read as text, not a crash
+    assert readable([deep]) == deep
 
 
 @pytest.mark.parametrize("body, needle", [

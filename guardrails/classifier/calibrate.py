@@ -13,13 +13,16 @@ import math
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from guardrails.classifier import metrics, second
+from guardrails.classifier import metrics
 from guardrails.classifier.head import CARD, WEIGHTS, Head
 from guardrails.classifier.model import Classifier
+from guardrails.classifier.second import FILE as SECOND
+from guardrails.classifier.second import SecondOpinion
 from kernel.errors import GuardtuneError
 
 FLAGS_NEEDED = 5  # benign rows that must land above the threshold: fewer and one message moves it
@@ -85,11 +88,19 @@ def _last_user_turn(messages: list) -> str | None:
 
 
 def unsafe_scores(clf: Classifier, texts: list[str], log: Callable[[str], None]) -> np.ndarray:
-    out = []
+    return scored(clf, texts, log)[0]
+
+
+def scored(clf: Classifier, texts: list[str], log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's `unsafe` score as served, and the first head's, in batches (as serving's batches would)."""
+    served, first = [], []
     for i in range(0, len(texts), BATCH):
-        out.append(clf.scores(texts[i:i + BATCH])[:, 0])
+        s, f = clf.scored(texts[i:i + BATCH])
+        served.append(s[:, 0])
+        first.append(f[:, 0])
         log(f"scored {min(i + BATCH, len(texts))}/{len(texts)}")
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+    empty = np.zeros(0, dtype=np.float32)
+    return (np.concatenate(served), np.concatenate(first)) if texts else (empty, empty)
 
 
 def check_fpr(fpr: float) -> None:
@@ -97,13 +108,70 @@ def check_fpr(fpr: float) -> None:
         raise GuardtuneError(f"--fpr must be in (0, 0.5], got {fpr}")
 
 
+@dataclass
+class OperatingPoint:
+    threshold: float  # the lowest at which at most the budget of the messages is flagged, on the score served
+    route: float | None  # the second opinion's route beneath it (None: no second opinion)
+    served: np.ndarray  # each message's `unsafe` score as served at that route
+
+
+def operating_point(first: np.ndarray, served: np.ndarray, route: float | None,
+                    ask: Callable[[np.ndarray], np.ndarray], fpr: float) -> OperatingPoint:
+    """The threshold for messages scored `served` at `route`, whose first-head scores are `first`;
+    `ask(indices)` gives the second opinion's scores of those messages. A threshold below the route
+    would let the first head alone decide the messages between them, so the route is lowered to the
+    threshold and the messages it adds are asked too, until the threshold stays at or above it (each
+    step lowers the route and asks only the messages it adds; a few steps settle it)."""
+    served = served.copy()
+    threshold = metrics.threshold_at_fpr(served, fpr)
+    if route is None:
+        return OperatingPoint(threshold, None, served)
+    while threshold < route:  # each step asks messages no step asked before, so it ends
+        added = np.flatnonzero((first >= threshold) & (first < route))
+        route = threshold
+        served[added] = ask(added)
+        threshold = metrics.threshold_at_fpr(served, fpr)
+    return OperatingPoint(threshold, route, served)
+
+
 def calibrate(clf: Classifier, texts: list[str], fpr: float, source: str,
               log: Callable[[str], None] = lambda m: None) -> Classifier:
     """A copy of `clf` whose threshold flags at most `fpr` of `texts`, with the calibration on its card.
-    The threshold is on the score served, the second opinion's where it was asked."""
+    The threshold is on the score served, the second opinion's where it was asked. Where the route
+    moves, the texts are scored again as the new head serves them (the first encoder's batches differ
+    in the last bits; the second's vectors are kept, as its batches do not), and the threshold is set
+    on those scores."""
     check_rows(len(texts), fpr)
-    head = calibrated(clf.head, unsafe_scores(clf, texts, log), fpr, source)
-    return Classifier(head, clf.encode, clf.second, clf.encode_second)
+    if clf.second is None:
+        before, first = scored(clf, texts, log)
+        return calibrated(clf, first, before, operating_point(first, before, None, np.asarray, fpr), fpr, source)
+    e5 = _remembering(clf.encode_second)
+
+    def at(route: float) -> Classifier:
+        return Classifier(clf.head, clf.encode, SecondOpinion(clf.second.net, route), e5)
+
+    before, first = scored(at(clf.second.route), texts, log)
+
+    def ask(idx: np.ndarray) -> np.ndarray:
+        return unsafe_scores(at(0.0), [texts[i] for i in idx], lambda m: log(f"second opinion: {m}"))
+    point = operating_point(first, before, clf.second.route, ask, fpr)
+    if point.route != clf.second.route:
+        served = unsafe_scores(at(point.route), texts, lambda m: log(f"at the new route: {m}"))
+        threshold = metrics.threshold_at_fpr(served, fpr)
+        # the last bits may put the threshold a hair (about 1e-7) under the route: the route follows it
+        point = OperatingPoint(threshold, min(point.route, threshold), served)
+    return calibrated(clf, first, before, point, fpr, source)
+
+
+def _remembering(encode: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    """`encode`, each window encoded once: the second encoder's vector of a window is the same in any batch."""
+    seen: dict[str, np.ndarray] = {}
+
+    def remembered(windows: list[str]) -> np.ndarray:
+        if missing := [w for w in dict.fromkeys(windows) if w not in seen]:
+            seen.update(zip(missing, encode(missing)))
+        return np.stack([seen[w] for w in windows]) if windows else encode([])
+    return remembered
 
 
 def check_rows(rows: int, fpr: float) -> None:
@@ -113,17 +181,25 @@ def check_rows(rows: int, fpr: float) -> None:
                              f"{min_rows(fpr)}, so that {FLAGS_NEEDED} of them land above it")
 
 
-def calibrated(head: Head, scores: np.ndarray, fpr: float, source: str) -> Head:
-    """`calibrate` on messages already scored (their `unsafe` scores). The card's test table moves under
-    `calibration`: its shares flagged were at the old threshold."""
-    check_rows(len(scores), fpr)
-    threshold = metrics.threshold_at_fpr(scores, fpr)
+def calibrated(clf: Classifier, first: np.ndarray, before: np.ndarray, point: OperatingPoint, fpr: float,
+               source: str) -> Classifier:
+    """`clf` at `point`, found on messages whose first-head scores are `first` and served scores were
+    `before`. The card's test table moves under `calibration`: its shares flagged were at the old
+    threshold and route."""
+    check_rows(len(first), fpr)
+    head = clf.head
     card = {k: v for k, v in head.card.items() if k != "test"}
     card["calibration"] = {
-        "source": source, "rows": len(scores), "fpr": fpr, "threshold_before": round(head.threshold, 6),
-        "flagged_before": round(float((scores >= head.threshold).mean()), 5),
-        "flagged": round(float((scores >= threshold).mean()), 5), "test_before": head.card.get("test")}
-    return Head(head.weights, head.biases, threshold, card)
+        "source": source, "rows": len(first), "fpr": fpr, "threshold_before": round(head.threshold, 6),
+        "flagged_before": _share(before >= head.threshold), "flagged": _share(point.served >= point.threshold),
+        "test_before": head.card.get("test")}
+    opinion = clf.second
+    if opinion is not None:
+        card["calibration"] |= {"route_before": opinion.route, "routed_before": _share(first >= opinion.route),
+                                "routed": _share(first >= point.route)}
+        opinion = SecondOpinion(opinion.net, point.route)
+        card["second"] = {**card["second"], "route": point.route}  # unrounded: it may be the threshold itself
+    return Classifier(Head(head.weights, head.biases, point.threshold, card), clf.encode, opinion, clf.encode_second)
 
 
 def save(clf: Classifier, out: Path) -> dict:
@@ -133,7 +209,7 @@ def save(clf: Classifier, out: Path) -> dict:
     try:
         card = clf.save(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for name in [WEIGHTS, *([second.FILE] if clf.second else []), CARD]:
+        for name in [WEIGHTS, *([SECOND] if clf.second else []), CARD]:
             os.replace(tmp / name, out / name)
     except OSError as e:
         raise GuardtuneError(f"{out}: {e}") from None
@@ -144,5 +220,13 @@ def save(clf: Classifier, out: Path) -> dict:
 
 def describe(card: dict) -> str:
     c = card["calibration"]
-    return (f"threshold {c['threshold_before']:.4f} -> {card['threshold']:.4f} on {c['rows']} messages of "
+    line = (f"threshold {c['threshold_before']:.4f} -> {card['threshold']:.4f} on {c['rows']} messages of "
             f"{c['source']}: flagged {c['flagged_before']:.2%} -> {c['flagged']:.2%} (budget {c['fpr']:.2%})")
+    if "route_before" in c and c["route_before"] != card["second"]["route"]:
+        line += (f"; the second opinion's route {c['route_before']:.4f} -> {card['second']['route']:.4f}, so it "
+                 f"reads {c['routed_before']:.2%} -> {c['routed']:.2%} of them")
+    return line
+
+
+def _share(mask: np.ndarray) -> float:
+    return round(float(mask.mean()), 5)

@@ -9,6 +9,7 @@ fifteen per-category thresholds would each have to spend a fifteenth of it.
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,16 +55,17 @@ class Head:
         return card
 
     @classmethod
-    def load(cls, path: Path | None = None) -> Head:
+    def load(cls, path: Path | None, inputs: int) -> Head:
+        """The head at `path` (the committed one for None), over `inputs`-wide features."""
         path = Path(path) if path is not None else COMMITTED
         try:
             card = json.loads((path / CARD).read_text(encoding="utf-8"))
-            weights, biases = read_layers(path / WEIGHTS)
+            if tuple(card.get("outputs", ())) != OUTPUTS:
+                raise ValueError(f"its outputs are not {', '.join(OUTPUTS)}")
+            weights, biases = read_layers(path / WEIGHTS, inputs)
             threshold = float(card["threshold"])
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
             raise GuardtuneError(f"classifier head at {path}: {e}") from None
-        if tuple(card.get("outputs", ())) != OUTPUTS or weights[-1].shape[1] != len(OUTPUTS):
-            raise GuardtuneError(f"classifier head at {path}: its outputs are not {', '.join(OUTPUTS)}")
         return cls(weights, biases, threshold, card)
 
 
@@ -73,7 +75,17 @@ def write_layers(file: Path, weights: list[np.ndarray], biases: list[np.ndarray]
     np.savez_compressed(file, **arrays)
 
 
-def read_layers(file: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def read_layers(file: Path, inputs: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The layers in `file`, checked to chain from `inputs` features to OUTPUTS: a head saved for
+    another encoder fails here, by name, rather than in the first request."""
     with np.load(file, allow_pickle=False) as z:
         layers = len([k for k in z.files if k.startswith("w")])
-        return [z[f"w{i}"] for i in range(layers)], [z[f"b{i}"] for i in range(layers)]
+        weights, biases = [z[f"w{i}"] for i in range(layers)], [z[f"b{i}"] for i in range(layers)]
+    width = inputs
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
+            raise ValueError(f"{file.name}: layer {i} is {w.shape} + {b.shape}, after {width} features")
+        width = w.shape[1]
+    if width != len(OUTPUTS):
+        raise ValueError(f"{file.name}: {width} outputs, not {len(OUTPUTS)}")
+    return weights, biases

@@ -36,7 +36,7 @@ class Classifier:
     @classmethod
     def load(cls, path: Path | None = None) -> Classifier:
         path = Path(path) if path is not None else COMMITTED
-        head = Head.load(path)
+        head = Head.load(path, encoder.DIM)
         record = head.card.get("second")
         return cls(head, second=SecondOpinion.load(path, record) if record else None)
 
@@ -49,6 +49,10 @@ class Classifier:
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """[n, OUTPUTS]: each text's score is its best window's (the second opinion's, where routed)."""
+        return self.scored(texts)[0]
+
+    def scored(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`scores`, and the first head's scores beside them (equal where the text was not routed)."""
         owners, flat = [], []
         for i, text in enumerate(texts):
             ws = text_windows(text)
@@ -56,14 +60,15 @@ class Classifier:
             flat += ws
         owner = np.asarray(owners, dtype=np.int64)
         x = self.encode(flat)
-        out = _best(self.head.scores(x), owner, len(texts))
+        first = _best(self.head.scores(x), owner, len(texts))
+        out = first.copy()
         if self.second is not None:
-            routed = out[:, 0] >= self.second.route
+            routed = first[:, 0] >= self.second.route
             rows = np.flatnonzero(routed[owner])  # the windows of routed texts
             if len(rows):
                 again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows]))
                 out[routed] = _best(again, owner[rows], len(texts))[routed]
-        return out
+        return out, first
 
     def flags(self, row: np.ndarray) -> list[str]:
         return self.head.flags(row)

@@ -9,12 +9,13 @@ raised held-out recall at 1% FPR from 0.65 to 0.71 whether 5% or all of the traf
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from guardrails.classifier import encoder_e5
+from guardrails.classifier import encoder, encoder_e5
 from guardrails.classifier.head import Head, read_layers, write_layers
 from kernel.errors import GuardtuneError
 
@@ -39,8 +40,8 @@ class SecondOpinion:
     @classmethod
     def load(cls, path: Path, record: dict) -> SecondOpinion:
         try:
-            weights, biases = read_layers(path / FILE)
+            weights, biases = read_layers(path / FILE, encoder.DIM + encoder_e5.DIM)
             route = float(record["route"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
             raise GuardtuneError(f"classifier head at {path}: its second opinion: {e}") from None
         return cls(Head(weights, biases), route)
