@@ -59,6 +59,13 @@ class LeakIndex:
                 start = None
         return runs
 
+    def leak(self, text: str, runs: list[tuple[int, int, bool]]) -> str | None:
+        """Why `text`, whose runs are `runs`, leaks: a canary in it, or a run of `min_chars` or more."""
+        if any(m.lower() in text.lower() for m in self.markers):
+            return "carries the system prompt's canary"
+        long = next((end - start for start, end, _ in runs if end - start >= self.min_chars), None)
+        return None if long is None else f"repeats {long} characters of a system prompt"
+
 
 class OutputFilter:
     """feed() pieces as they come, then finish(); each returns the text that may be sent now."""
@@ -85,13 +92,11 @@ class OutputFilter:
         window = self.raw[base:]
         cut = len(self.raw) if final else max(self.sent_upto, len(self.raw) - HOLD)
         if self.leaks is not None:
-            if any(m.lower() in window.lower() for m in self.leaks.markers):
-                self.tripped = "carries the system prompt's canary"
+            runs = self.leaks.runs(window, base)
+            if (why := self.leaks.leak(window, runs)) is not None:
+                self.tripped = why
                 return ""
-            for start, end, still_open in self.leaks.runs(window, base):
-                if end - start >= self.leaks.min_chars:
-                    self.tripped = f"repeats {end - start} characters of a system prompt"
-                    return ""
+            for start, _, still_open in runs:
                 if not final and still_open and start < cut:
                     cut = max(self.sent_upto, start)  # still repeating: hold it until it parts or trips
         spans = self.pii.find(window) if self.pii is not None else []
@@ -113,16 +118,11 @@ class OutputFilter:
         self.sent_upto = max(self.sent_upto, cut)
         return "".join(out)
 
-
     def trip_on(self, text: str) -> bool:
         """Trip on a leak in `text`, another reading of the reply (a data reply's strings, unescaped):
         a canary, or `min_chars` repeated from a protected text. True when tripped."""
         if self.leaks is not None and not self.tripped:
-            if any(m.lower() in text.lower() for m in self.leaks.markers):
-                self.tripped = "carries the system prompt's canary"
-            elif longest := max((end - start for start, end, _ in self.leaks.runs(text, 0)), default=0):
-                if longest >= self.leaks.min_chars:
-                    self.tripped = f"repeats {longest} characters of a system prompt"
+            self.tripped = self.leaks.leak(text, self.leaks.runs(text, 0))
         return self.tripped is not None
 
     def whole(self, text: str) -> str:
