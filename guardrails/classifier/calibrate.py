@@ -116,7 +116,7 @@ class OperatingPoint:
 
 
 def operating_point(first: np.ndarray, served: np.ndarray, route: float | None,
-                    ask: Callable[[np.ndarray], np.ndarray], fpr: float) -> OperatingPoint:
+                    ask: Callable[[np.ndarray], np.ndarray] | None, fpr: float) -> OperatingPoint:
     """The threshold for messages scored `served` at `route`, whose first-head scores are `first`;
     `ask(indices)` gives the second opinion's scores of those messages. A threshold below the route
     would let the first head alone decide the messages between them, so the route is lowered to the
@@ -124,8 +124,8 @@ def operating_point(first: np.ndarray, served: np.ndarray, route: float | None,
     step lowers the route and asks only the messages it adds; a few steps settle it)."""
     served = served.copy()
     threshold = metrics.threshold_at_fpr(served, fpr)
-    if route is None:
-        return OperatingPoint(threshold, None, served)
+    if route is None or ask is None:  # no second opinion to ask: the route, if any, stays
+        return OperatingPoint(threshold, route, served)
     while threshold < route:  # each step asks messages no step asked before, so it ends
         added = np.flatnonzero((first >= threshold) & (first < route))
         route = threshold
@@ -144,7 +144,7 @@ def calibrate(clf: Classifier, texts: list[str], fpr: float, source: str,
     check_rows(len(texts), fpr)
     if clf.second is None:
         before, first = scored(clf, texts, log)
-        return calibrated(clf, first, before, operating_point(first, before, None, np.asarray, fpr), fpr, source)
+        return calibrated(clf, first, before, operating_point(first, before, None, None, fpr), fpr, source)
     e5 = _remembering(clf.encode_second)
 
     def at(route: float) -> Classifier:
