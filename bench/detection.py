@@ -98,7 +98,7 @@ def run(external: Path | None = None) -> dict:
            "baseline": metrics.table(base, labels, langs, CATEGORIES, legacy.THRESHOLD, negatives=traffic)}
     step("the classifier, with its second opinion")
     out["classifier"] = metrics.table(clf.scores(texts), labels, langs, CATEGORIES, clf.head.threshold, 0.01,
-                                      clf.flags, traffic)
+                                      clf.flags, traffic, [r.variant for r in test])
     step("the USE head alone")
     out["use_head_alone"] = metrics.table(Classifier(clf.head).scores(texts), labels, langs, CATEGORIES,
                                           negatives=traffic)
@@ -179,6 +179,11 @@ def lines(res: dict | None) -> list[str]:
          "baseline recall@1%FPR"],
         [[lg, v["n"], v["benign"], v["roc_auc"], v["recall_at_1pct_fpr"], v["recall_at_threshold"],
           v["fpr_at_threshold"], base["languages"][lg]["recall_at_1pct_fpr"]] for lg, v in ours["languages"].items()])
+    if "forms" in ours:
+        out += ["", "Per form of attack (each form's attack rows against all the traffic rows; 'seed': as written):", ""]
+        out += results_io.table(["form", "attack rows", "AUC", "recall@1%FPR", "flagged"],
+                                [[f, v["n"], v["roc_auc"], v["recall_at_1pct_fpr"], v["recall_at_threshold"]]
+                                 for f, v in ours["forms"].items()])
     out += ["", "Classifier latency per input, one at a time, on a sample of the test split's rows of each kind "
             "('routed': the share the second opinion was asked about):", ""]
     lat = res["latency"] if "p50_ms" not in res["latency"] else {"all": res["latency"]}

@@ -21,6 +21,7 @@ from guardrails.scanners.limits import SizeCharset
 from guardrails.scanners.normalise import Normalise
 from guardrails.scanners.pii import PII
 from guardrails.scanners.topics import BannedTopics
+from kernel.roles import INSTRUCTION_ROLES
 
 OWN = ("pii", "banned_topics")
 BLOCKABLE = CATEGORIES + OWN  # what `block` may name
@@ -70,7 +71,7 @@ class ModerationConfig(BaseModel):
 
     def instructions(self, role: str) -> bool:
         """A turn read as the developer's instructions (see INSTRUCTION_CATEGORIES)."""
-        return role in ("system", "developer") and self.system_turns == "instructions"
+        return role in INSTRUCTION_ROLES and self.system_turns == "instructions"
 
 
 def _known(names: list[str]) -> list[str]:

@@ -153,6 +153,7 @@ class Run:
             c.finish = "tool_calls"  # OpenAI's rule: "stop" for a named call
         if not self.guarded:
             return True
+        t0 = time.perf_counter()  # the checks and the scan count as the guard's time, as compliance's does
         if kind == "tool_calls":
             verdict = await asyncio.to_thread(check_calls, [(k.name, k.arguments) for k in calls], r.offered,
                                               r.allowed)
@@ -165,7 +166,7 @@ class Run:
                 verdict = Verdict(False, reason)
         mode = "enforce" if self.enforce else "monitor"
         c.decision = {"mode": mode, "outcome": outcomes.PASSED if verdict.valid else outcomes.INVALID,
-                      "kind": kind, **verdict.report()}
+                      "kind": kind, **verdict.report(), "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
         if mode == "enforce" and not verdict.valid:
             c.sent, c.calls, c.finish, c.keep_logprobs = None, [], "content_filter", False
         elif kind == "tool_calls" and content and content.strip():

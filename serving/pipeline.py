@@ -15,6 +15,8 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kernel.roles import INSTRUCTION_ROLES
+
 
 @dataclass
 class ChatContext:
@@ -39,7 +41,7 @@ class ChatContext:
     def __post_init__(self):
         if not self.protected:
             self.protected = ([self.system_prompt] if self.system_prompt else []) + [
-                m["content"] for m in self.messages if m["role"] in ("system", "developer")]
+                m["content"] for m in self.messages if m["role"] in INSTRUCTION_ROLES]
 
     @property
     def scoped_session(self) -> str | None:

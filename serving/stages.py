@@ -17,6 +17,7 @@ from guardrails.privacy import redact_deep
 from guardrails.scanners.pii import PII
 from guardrails.scripts import ScriptStore, build_store
 from guardrails.stores import open_audit_store, open_session_store
+from kernel.roles import INSTRUCTION_ROLES
 from rag.index import KnowledgeIndex
 from rag.prompting import citations, with_context
 from serving.pipeline import ChatContext, Intercept
@@ -43,7 +44,7 @@ def read_as(messages: list[dict], names: int) -> list[str]:
     developer's instructions; one after a client turn is read as a user turn, as is every `name`."""
     roles, opening = [], True
     for m in messages:
-        opening = opening and m["role"] in ("system", "developer")
+        opening = opening and m["role"] in INSTRUCTION_ROLES
         roles.append(m["role"] if opening else "user")
     return roles + ["user"] * names
 

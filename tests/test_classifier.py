@@ -131,13 +131,19 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     head = clf.head
     test = [r for r in rows if r.split == "test"]
     again = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
-                          CATEGORIES, head.threshold, 0.01, head.flags, [r.traffic for r in test])
+                          CATEGORIES, head.threshold, 0.01, head.flags, [r.traffic for r in test],
+                          [r.variant for r in test])
     for cat in CATEGORIES:
         mine, theirs = again["categories"][cat], card["test"]["categories"][cat]
         assert mine["n"] == theirs["n"] > 0
         for key in ("roc_auc", "recall_at_1pct_fpr", "recall_at_threshold", "named"):
             assert mine[key] == pytest.approx(theirs[key], abs=2e-3, nan_ok=True), (cat, key)
     assert again["overall"]["fpr_at_threshold"] == pytest.approx(card["test"]["overall"]["fpr_at_threshold"], abs=2e-3)
+    # each form of attack (as written, disguised, after a turn, buried in a text), and together they are all
+    forms = card["test"]["forms"]
+    assert {"seed", "after_turn", "buried"} <= set(forms) and sum(f["n"] for f in forms.values()) == card["test"]["overall"]["n"]
+    for name, cell in forms.items():
+        assert again["forms"][name]["recall_at_1pct_fpr"] == pytest.approx(cell["recall_at_1pct_fpr"], abs=2e-3, nan_ok=True)
     # the threshold holds the false-positive budget on the calib split's traffic rows, and is the lowest that does
     calib = [r for r in rows if r.split == "calib"]
     scores = clf.scores([r.text for r in calib])[:, 0]

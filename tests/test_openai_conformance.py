@@ -48,6 +48,7 @@ import pytest
 from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from guardrails.moderation import BLOCKABLE
 from tests.conftest import ROOT, Server
 from tests.helpers.conformance import Endpoint, accumulate, calls_of, flat_shape, sdk_shape, shape_diff
 
@@ -116,7 +117,9 @@ def _guardtune_config(tmp: Path) -> dict:
 
 def _guarded_config(tmp: Path) -> dict:
     return {**_guardtune_config(tmp), "guardrails": {
-        "moderation": {"banned_topics": GAMBLING},  # every scanner on, at its defaults, and one banned topic
+        # Every scanner on, at its defaults, and one banned topic that blocks replies only (an operator's
+        # choice), so the output scanners can be reached by a reply the client's schema made the model write.
+        "moderation": {"banned_topics": GAMBLING, "block": [c for c in BLOCKABLE if c != "banned_topics"]},
         "compliance": {"store": str(tmp / "store"), "library": str(LIBRARY), "sessions_db": str(tmp / "sessions.db"),
                        "mode": "enforce"},
         "audit_db": str(tmp / "audit.db"),
@@ -500,7 +503,7 @@ def test_guarded_forced_tool_call_is_checked_not_replaced(off, on):
     ref, got = off.chat(**TOOL_KW, tool_choice=NAMED), on.chat(**TOOL_KW, tool_choice=NAMED)
     same_choices(got.parsed, ref.parsed)  # the call, content "" and finish "stop": not a script
     out = report(got)["output"]
-    assert out["outcome"] == "passed" and out["valid"] is True
+    assert out["outcome"] == "passed" and out["valid"] is True and out["latency_ms"] > 0  # the checks' time
 
 
 def test_guarded_json_reply_is_checked_not_replaced(off, on):
@@ -508,7 +511,7 @@ def test_guarded_json_reply_is_checked_not_replaced(off, on):
     jsonschema.validate(json.loads(got.parsed.choices[0].message.content), PERSON)
     same_choices(got.parsed, ref.parsed)
     out = report(got)["output"]
-    assert out["outcome"] == "passed" and out["valid"] is True
+    assert out["outcome"] == "passed" and out["valid"] is True and out["latency_ms"] > 0  # the checks' time
 
 
 def test_a_banned_topic_in_a_json_reply_is_withheld(on):
@@ -557,6 +560,18 @@ def test_injection_in_a_tool_definition_or_escaped_arguments_is_blocked(on):
     escaped = json.dumps({"order_id": INJECTIONS[0]}).replace("I", "\\u0049")
     r = on.chat(messages=tool_result_turns('{"status": "shipped"}', arguments=escaped), tools=TOOLS, max_tokens=24)
     assert r.parsed.choices[0].finish_reason == "content_filter" and report(r)["input"]["blocked_by"] is not None
+
+
+@pytest.mark.parametrize("where", ["description", "const"])
+def test_injection_in_a_response_format_schema_is_blocked_before_the_model(on, where):
+    """The `response_format` schema is client-written too: its strings are moderated as a turn is."""
+    schema = {"type": "object", "properties": {"reply": {"type": "string"}}, "required": ["reply"]}
+    if where == "const":
+        schema["properties"]["reply"] = {"const": INJECTIONS[2]}
+    fmt = {"name": "answer", "schema": schema, **({"description": INJECTIONS[0]} if where == "description" else {})}
+    r = on.chat(messages=ASK, max_tokens=24, response_format={"type": "json_schema", "json_schema": fmt})
+    assert r.parsed.choices[0].finish_reason == "content_filter"
+    assert report(r)["input"]["blocked_by"] is not None and r.parsed.usage.completion_tokens == 0
 
 
 def test_a_tool_the_task_may_not_use_is_refused(on):

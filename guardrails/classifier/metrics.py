@@ -39,12 +39,15 @@ def recall_at_fpr(pos: np.ndarray, neg: np.ndarray, fpr: float = 0.01) -> float:
 
 
 def table(scores: np.ndarray, labels: list[tuple[str, ...]], langs: list[str], categories: tuple[str, ...],
-          threshold: float | None = None, fpr: float = 0.01, flags=None, negatives: list[bool] | None = None) -> dict:
+          threshold: float | None = None, fpr: float = 0.01, flags=None, negatives: list[bool] | None = None,
+          forms: list[str] | None = None) -> dict:
     """Detection by the `unsafe` score (column 0 of `scores`) against the negatives (default: every
     benign row; with `negatives`, those rows, and the other benign rows are reported apart as
     `twins`): per category (and per category and language) and per language, ROC-AUC and recall at
     `fpr`; with `threshold`, the share flagged at it and the negatives' share flagged. `flags(row) ->
-    categories` adds, per category, the share of its flagged rows that were put in that category."""
+    categories` adds, per category, the share of its flagged rows that were put in that category.
+    `forms` (each row's variant: the seed as written, a disguise, after a turn, buried in a text) adds
+    the attacks of each form against all the negatives: what a single vector of a mixed text loses."""
     unsafe = scores[:, 0]
     langs_arr = np.asarray(langs)
     attack = np.array([bool(ls) for ls in labels])
@@ -64,6 +67,10 @@ def table(scores: np.ndarray, labels: list[tuple[str, ...]], langs: list[str], c
         sel = langs_arr == lang
         out["languages"][lang] = _cell(unsafe, sel & attack, sel & benign, fpr, flagged)
     out["overall"] = _cell(unsafe, attack, benign, fpr, flagged)
+    if forms is not None:
+        forms_arr = np.asarray(forms)
+        out["forms"] = {f: _cell(unsafe, attack & (forms_arr == f), benign, fpr, flagged)
+                        for f in sorted(set(forms_arr[attack].tolist()))}
     if negatives is not None:
         twins = ~attack & ~benign
         out["twins"] = {"n": int(twins.sum()),

