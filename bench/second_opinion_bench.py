@@ -1,5 +1,6 @@
-"""The second opinion against the USE head alone, in one run: the committed classifier as served, and
-the same head without its second opinion (recall at 1% FPR needs no threshold of its own).
+"""The second opinion against the USE head alone, in one run: the committed classifier as served, the
+same head without its second opinion (recall at 1% FPR needs no threshold of its own), and the
+classifier as served but with a text's lines not read alone (model.segments; the same route).
 
 - held-out: the test split's attacks against its traffic rows, overall and per language, and the
   share of its traffic flagged at the threshold by seed file (notices, follow-ups, replies...);
@@ -31,6 +32,7 @@ from bench.detection import latency, load_external  # noqa: E402
 from guardrails.classifier import encoder_e5, metrics  # noqa: E402
 from guardrails.classifier.augment import augment  # noqa: E402
 from guardrails.classifier.data import load_seeds  # noqa: E402
+from guardrails.classifier.head import Head  # noqa: E402
 from guardrails.classifier.model import Classifier  # noqa: E402
 from guardrails.classifier.train import EmbeddingCache  # noqa: E402
 from kernel.paths import cache_root  # noqa: E402
@@ -38,13 +40,21 @@ from kernel.paths import cache_root  # noqa: E402
 FPR = 0.01
 
 
-def cached(clf: Classifier) -> tuple[Classifier, Classifier]:
-    """The served classifier and its USE head alone, both reading the embedding caches."""
+def without_lines(clf: Classifier) -> Classifier:
+    """`clf` reading each text whole only, as heads trained before 2026-12-01 did."""
+    h = clf.head
+    card = {k: v for k, v in h.card.items() if k != "segments"}
+    return Classifier(Head(h.weights, h.biases, h.threshold, card), clf.encode, clf.second, clf.encode_second)
+
+
+def cached(clf: Classifier) -> dict[str, Classifier]:
+    """The served classifier, its USE head alone, and it without lines read alone, reading the embedding caches."""
     use = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
     e5 = EmbeddingCache(cache_root() / "classifier" / "e5_embeddings.npz", encoder_e5.encode, encoder_e5.DIM)
     quiet = lambda m: None  # noqa: E731
     served = Classifier(clf.head, lambda w: use.encode(w, quiet), clf.second, lambda w: e5.encode(w, quiet))
-    return served, Classifier(clf.head, served.encode)
+    return {"use_head_alone": Classifier(clf.head, served.encode), "served": served,
+            "served_without_lines": without_lines(served)}
 
 
 def held_out(both: dict[str, Classifier]) -> dict:
@@ -86,16 +96,16 @@ def external(both: dict[str, Classifier], root: Path, threshold: float) -> dict:
 
 def run(root: Path | None) -> dict:
     clf = Classifier.load()
-    served, alone = cached(clf)
-    both = {"use_head_alone": alone, "served": served}
+    both = cached(clf)
     test = [r for r in augment(load_seeds()) if r.split == "test"]
     rng = np.random.default_rng(0)
     samples = {k: [r.text for r in test if (r.traffic if k == "traffic" else r.labels)] for k in ("traffic", "attacks")}
     samples = {k: [v[i] for i in rng.permutation(len(v))] for k, v in samples.items()}  # the same rows for both
     res = {"meta": results_io.meta(route=clf.second.route, threshold=clf.head.threshold), "held_out": held_out(both),
-           "traffic_flagged": traffic_flagged(served, clf.head.threshold),
+           "traffic_flagged": traffic_flagged(both["served"], clf.head.threshold),
            "latency": {k: {name: latency(c, v) for name, c in
-                           (("served", clf), ("use_head_alone", Classifier(clf.head)))} for k, v in samples.items()}}
+                           (("served", clf), ("use_head_alone", Classifier(clf.head)),
+                            ("served_without_lines", without_lines(clf)))} for k, v in samples.items()}}
     if root is not None:
         res["external"] = external(both, root, clf.head.threshold)
     return res
@@ -108,7 +118,11 @@ def lines(res: dict) -> list[str]:
            "Held-out test split, recall at 1% FPR against its traffic rows:", ""]
     out += results_io.table(["classifier", "all", "en", "zh", "de"],
                             [[k, v["all"], v["en"], v["zh"], v["de"]] for k, v in h.items()])
-    out += ["", f"Served over alone: {h['served']['all'] / h['use_head_alone']['all']:.2f}x.", "",
+    out += ["", f"Served over alone: {h['served']['all'] / h['use_head_alone']['all']:.2f}x."]
+    if "served_without_lines" in h:
+        out += [f"Served over served without lines read alone: "
+                f"{h['served']['all'] / h['served_without_lines']['all']:.2f}x."]
+    out += ["",
             "Held-out traffic flagged at the threshold (served), by seed file:", ""]
     out += results_io.table(["seed file", "rows", "flagged"], [[k, *v] for k, v in res["traffic_flagged"].items()])
     out += ["", "Latency per input, one at a time, on samples of the test split:", ""]

@@ -17,6 +17,7 @@ from guardrails.classifier.data import digest, load_seeds, sample
 from guardrails.classifier.fit import fit_head, hard_negatives
 from guardrails.classifier.head import CARD, COMMITTED, Head, write_layers
 from guardrails.classifier.model import Classifier, text_windows
+from guardrails.classifier.segments import MOST, OFFSETS, choose_offset, segments
 from guardrails.classifier.settings import TrainConfig
 from guardrails.classifier.train import targets
 from guardrails.classifier.view import classifier_view
@@ -151,6 +152,10 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     assert (traffic >= head.threshold).mean() <= 0.01 + 1e-9
     assert (traffic >= np.nextafter(traffic[traffic < head.threshold].max(), -np.inf)).mean() > 0.01
     assert r.stdout.splitlines()[0].startswith("category")  # the table is printed
+
+    # lines read alone: the offset was chosen on calib, and reading them caught at least as much there
+    lines = card["segments"]
+    assert lines["offset"] in OFFSETS and lines["calib_recall"] >= lines["calib_recall_without"]
 
     # the second opinion: asked about a small share of the calib traffic, and it decides those inputs
     assert card["second"]["route_share"] == TrainConfig.route_share and clf.second is not None
@@ -309,3 +314,31 @@ def test_scores_are_bounded_in_time_and_read_the_tail(seeds):
     s = clf.scores([long, attack, "Where is my parcel?"])
     assert len(long) > 150_000 and "prompt_injection" in clf.flags(s[1])
     assert clf.flags(s[0]) == clf.flags(s[1]) and clf.flags(s[2]) == []  # the tail window reads the end
+
+
+def test_a_texts_lines_are_read_alone_only_when_it_has_several():
+    one = "Where is my parcel? It was due on Monday."
+    assert segments(one) == [] and segments(f"  {one}\n\n") == []
+    assert segments(f"hi\n\n{one}") == [one]  # a line too short to read alone is left to the whole
+    assert segments("x" * 1000 + f"\n{one}") == [one]  # so is a paragraph: the whole's windows read it
+    many = [f"line number {i} of a long pasted list" for i in range(20)]
+    assert segments("\n".join(many)) == many[:MOST // 2] + many[-MOST // 2:]  # a bounded cost
+
+
+def test_the_offset_is_the_one_that_catches_most_within_the_budget():
+    rng = np.random.default_rng(0)
+    traffic = np.r_[np.ones(2000, bool), np.zeros(400, bool)]
+    attacks = ~traffic
+    whole = np.r_[rng.uniform(0, 0.6, 2000), rng.uniform(0.3, 0.9, 400)]
+    # half the attacks are buried: their own line scores high; the traffic's lines score like the traffic
+    buried = np.r_[rng.uniform(0, 0.7, 2000), np.where(np.arange(400) % 2 == 0, 0.95, 0.0)]
+    offset, recall = choose_offset(whole, buried, traffic, attacks, 0.01)
+
+    def caught(off):
+        unsafe = np.maximum(whole, buried - off)
+        return (unsafe[attacks] >= metrics.threshold_at_fpr(unsafe[traffic], 0.01)).mean()
+
+    assert recall == pytest.approx(caught(offset)) == pytest.approx(max(caught(o) for o in OFFSETS))
+    assert recall > caught(OFFSETS[-1]) + 0.2  # the lines are what catch the buried half
+    noise = np.r_[rng.uniform(0.6, 1.0, 2000), np.zeros(400)]  # lines that only make benign texts score high
+    assert choose_offset(whole, noise, traffic, attacks, 0.01)[0] == OFFSETS[-1]

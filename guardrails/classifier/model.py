@@ -13,15 +13,21 @@ from guardrails.classifier import encoder, encoder_e5
 from guardrails.classifier.categories import OUTPUTS
 from guardrails.classifier.head import COMMITTED, Head
 from guardrails.classifier.second import SecondOpinion
+from guardrails.classifier.segments import NEVER, segments
 from guardrails.classifier.view import classifier_view
+
+
+def bounded(text: str) -> str:
+    """The characters the windows can come from: a long text's head and tail."""
+    if len(text) > 2 * encoder.SCAN_CHARS:
+        return f"{text[:encoder.SCAN_CHARS]}\n{text[-encoder.SCAN_CHARS // 4:]}"
+    return text
 
 
 def text_windows(text: str) -> list[str]:
     """The encoder windows of `text` as the classifier sees it. The view reads only the characters
     the windows can come from, so its cost is bounded too."""
-    if len(text) > 2 * encoder.SCAN_CHARS:
-        text = f"{text[:encoder.SCAN_CHARS]}\n{text[-encoder.SCAN_CHARS // 4:]}"
-    return encoder.windows(classifier_view(text))
+    return encoder.windows(classifier_view(bounded(text)))
 
 
 Encode = Callable[[list[str]], np.ndarray]
@@ -32,6 +38,13 @@ class Classifier:
                  encode_second: Encode = encoder_e5.encode):
         self.head, self.encode = head, encode  # training passes caching encoders
         self.second, self.encode_second = second, encode_second
+
+    @property
+    def offset(self) -> float | None:
+        """How much less a line read alone counts than the whole text (segments.py); None: lines are
+        not read alone (a head trained before 2026-12-01)."""
+        record = self.head.card.get("segments")
+        return float(record["offset"]) if record and record["offset"] < NEVER else None
 
     @classmethod
     def load(cls, path: Path | None = None) -> Classifier:
@@ -52,21 +65,26 @@ class Classifier:
         return self.scored(texts)[0]
 
     def scored(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`scores`, and the first head's scores beside them (equal where the text was not routed)."""
-        owners, flat = [], []
+        """`scores`, and the first head's scores beside them (equal where the text was not routed).
+        With an offset, the windows of a text's lines read alone count that much less."""
+        owners, flat, less = [], [], []
         for i, text in enumerate(texts):
-            ws = text_windows(text)
-            owners += [i] * len(ws)
-            flat += ws
-        owner = np.asarray(owners, dtype=np.int64)
+            parts = [(text_windows(text), 0.0)]
+            if self.offset is not None:
+                parts += [(text_windows(line), self.offset) for line in segments(bounded(text))]
+            for ws, offset in parts:
+                owners += [i] * len(ws)
+                flat += ws
+                less += [offset] * len(ws)
+        owner, penalty = np.asarray(owners, dtype=np.int64), np.asarray(less, dtype=np.float32)[:, None]
         x = self.encode(flat)
-        first = _best(self.head.scores(x), owner, len(texts))
+        first = _best(self.head.scores(x) - penalty, owner, len(texts))
         out = first.copy()
         if self.second is not None:
             routed = first[:, 0] >= self.second.route
             rows = np.flatnonzero(routed[owner])  # the windows of routed texts
             if len(rows):
-                again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows]))
+                again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows])) - penalty[rows]
                 out[routed] = _best(again, owner[rows], len(texts))[routed]
         return out, first
 
