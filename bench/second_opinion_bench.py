@@ -1,6 +1,7 @@
 """The second opinion against the USE head alone, in one run: the committed classifier as served, the
 same head without its second opinion (recall at 1% FPR needs no threshold of its own), and the
-classifier as served but with a text's lines not read alone (model.segments; the same route).
+classifier as served but with a text's lines not read alone, for a head trained with `--lines`
+(segments.py; the same route). `bench/results/lines.md` is its run with such a head (2026-12-01).
 
 - held-out: the test split's attacks against its traffic rows, overall and per language, and the
   share of its traffic flagged at the threshold by seed file (notices, follow-ups, replies...);
@@ -53,8 +54,8 @@ def cached(clf: Classifier) -> dict[str, Classifier]:
     e5 = EmbeddingCache(cache_root() / "classifier" / "e5_embeddings.npz", encoder_e5.encode, encoder_e5.DIM)
     quiet = lambda m: None  # noqa: E731
     served = Classifier(clf.head, lambda w: use.encode(w, quiet), clf.second, lambda w: e5.encode(w, quiet))
-    return {"use_head_alone": Classifier(clf.head, served.encode), "served": served,
-            "served_without_lines": without_lines(served)}
+    out = {"use_head_alone": Classifier(clf.head, served.encode), "served": served}
+    return out | ({"served_without_lines": without_lines(served)} if clf.offset is not None else {})
 
 
 def held_out(both: dict[str, Classifier]) -> dict:
@@ -105,7 +106,8 @@ def run(root: Path | None) -> dict:
            "traffic_flagged": traffic_flagged(both["served"], clf.head.threshold),
            "latency": {k: {name: latency(c, v) for name, c in
                            (("served", clf), ("use_head_alone", Classifier(clf.head)),
-                            ("served_without_lines", without_lines(clf)))} for k, v in samples.items()}}
+                            *((("served_without_lines", without_lines(clf)),) if clf.offset is not None else ()))}
+                       for k, v in samples.items()}}
     if root is not None:
         res["external"] = external(both, root, clf.head.threshold)
     return res

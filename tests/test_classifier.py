@@ -120,7 +120,7 @@ def test_retraining_a_slice_recomputes_its_metrics(tmp_path, seeds):
     """`guardtune guard train` on a small slice, as a user runs it; the test table it writes is then
     recomputed here from the saved head and the same split. Nothing is compared with the committed head."""
     out = tmp_path / "head"
-    r = run_cli("-m", "guardtune.cli", "guard", "train", "--slice", "6", "--epochs", "30", "--out", str(out),
+    r = run_cli("-m", "guardtune.cli", "guard", "train", "--slice", "6", "--epochs", "30", "--lines", "--out", str(out),
                 env={"GUARDTUNE_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr[-2000:]
     assert "embedded" in r.stderr and str(out) in r.stdout  # progress, then the head's path

@@ -34,6 +34,9 @@ def add_arguments(sub) -> None:
                                                           "over e5 vectors (e5 embeds every training window: about "
                                                           "one to two hours on 2 cores the first time, then "
                                                           "cached)")
+    t.add_argument("--lines", action="store_true", help="read each line of a multi-line text alone too, counting "
+                                                         "less (held-out recall up, latency and public catch rate at "
+                                                         "the threshold down: docs/guardrails.md)")
     t.add_argument("--force", action="store_true", help="retrain even when the cached head exists")
     t.set_defaults(fn=run)
     c = actions.add_parser("calibrate", help="set the head's threshold on your own benign traffic (a copy of "
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or (args.slice is not None and args.slice < 1):
         raise GuardtuneError("--epochs and --slice take a positive number")
-    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice, second=not args.no_second)
+    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice, second=not args.no_second, lines=args.lines)
     out = args.out or _cache_dir(cfg, args.seeds)
     if (out / CARD).exists() and args.out is None and not args.force:
         print(f"reusing {out} (--force retrains)", file=sys.stderr)
