@@ -35,10 +35,11 @@ def segments(text: str) -> list[str]:
 
 def best_segment(texts: list[str], unsafe: Callable[[list[str]], np.ndarray]) -> np.ndarray:
     """Each text's highest `unsafe` score over its lines read alone (0 where it has none)."""
-    owner = [i for i, t in enumerate(texts) for _ in segments(t)]
+    lines = [segments(t) for t in texts]
+    owner = [i for i, ls in enumerate(lines) for _ in ls]
     out = np.zeros(len(texts), dtype=np.float32)
     if owner:
-        np.maximum.at(out, np.asarray(owner), unsafe([s for t in texts for s in segments(t)]))
+        np.maximum.at(out, np.asarray(owner), unsafe([s for ls in lines for s in ls]))
     return out
 
 
