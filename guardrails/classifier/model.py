@@ -68,10 +68,11 @@ class Classifier:
         """`scores`, and the first head's scores beside them (equal where the text was not routed).
         With an offset, the windows of a text's lines read alone count that much less."""
         owners, flat, less = [], [], []
+        line_offset = self.offset  # read from the card once a call, not once a text
         for i, text in enumerate(texts):
             parts = [(text_windows(text), 0.0)]
-            if self.offset is not None:
-                parts += [(text_windows(line), self.offset) for line in segments(bounded(text))]
+            if line_offset is not None:
+                parts += [(text_windows(line), line_offset) for line in segments(bounded(text))]
             for ws, offset in parts:
                 owners += [i] * len(ws)
                 flat += ws

@@ -50,8 +50,15 @@ def choose_offset(whole: np.ndarray, lines: np.ndarray, traffic: np.ndarray, att
     `whole`, `lines`: each text's `unsafe` score as a whole and its best line's."""
     best = (OFFSETS[-1], -1.0)
     for offset in reversed(OFFSETS):
-        unsafe = np.maximum(whole, lines - offset)
-        recall = float((unsafe[attacks] >= threshold_at_fpr(unsafe[traffic], fpr)).mean())
+        recall = recall_with(offset, whole, lines, traffic, attacks, fpr)
         if recall > best[1] + 1e-9:
             best = (offset, recall)
     return best
+
+
+def recall_with(offset: float, whole: np.ndarray, lines: np.ndarray, traffic: np.ndarray, attacks: np.ndarray,
+                fpr: float) -> float:
+    """The share of attacks at or above the threshold that holds the budget on traffic, lines counting
+    `offset` less (NEVER: the whole alone, as no line less 1 outscores it)."""
+    unsafe = np.maximum(whole, lines - offset)
+    return float((unsafe[attacks] >= threshold_at_fpr(unsafe[traffic], fpr)).mean())

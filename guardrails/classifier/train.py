@@ -26,7 +26,7 @@ from guardrails.classifier.fit import calibrate, fit_head
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, Encode, text_windows
 from guardrails.classifier.second import SecondOpinion
-from guardrails.classifier.segments import MAX_CHARS, MIN_CHARS, MOST, best_segment, choose_offset
+from guardrails.classifier.segments import MAX_CHARS, MIN_CHARS, MOST, NEVER, best_segment, choose_offset, recall_with
 from guardrails.classifier.settings import TrainConfig
 from kernel.paths import cache_root
 
@@ -144,7 +144,7 @@ def line_offset(served: Classifier, calib: list[Row], cfg: TrainConfig, log: Cal
     whole = served.scores(texts)[:, 0]
     best_line = best_segment(texts, lambda ts: served.scores(ts)[:, 0])
     offset, recall = choose_offset(whole, best_line, traffic, attacks, cfg.fpr)
-    without = float((whole[attacks] >= calibrate(whole, traffic, cfg.fpr)).mean())
+    without = recall_with(NEVER, whole, best_line, traffic, attacks, cfg.fpr)
     log(f"lines read alone count {offset} less: calib recall {without:.3f} without them, {recall:.3f} with")
     return {"offset": offset, "most": MOST, "min_chars": MIN_CHARS, "max_chars": MAX_CHARS, "calib_recall": round(recall, 4),
             "calib_recall_without": round(without, 4)}
