@@ -143,9 +143,10 @@ def run(external: Path) -> dict:
     clf = Classifier.load()
     texts = [r["text"][:CHARS] for r in rows]
     step(f"{len(rows)} rows: the first head")
-    first = Classifier(clf.head).scores(texts)[:, 0]
+    first = Classifier(clf.head, neighbours=clf.neighbours).scores(texts)[:, 0]
     route = clf.second.route if clf.second else None
-    asked = None if clf.second is None else Classifier(clf.head, second=SecondOpinion(clf.second.net, 0.0))
+    asked = None if clf.second is None else Classifier(clf.head, second=SecondOpinion(clf.second.net, 0.0),
+                                                       neighbours=clf.neighbours)
     step("the second opinion on every row")
     sc = Scored(first, None if asked is None else asked.scores(texts)[:, 0])  # every row asked, once
     step("calibrations, then the held-out split as served")

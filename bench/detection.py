@@ -47,7 +47,7 @@ def _pct(xs: list[float], q: float) -> float:
 
 def latency(clf: Classifier, texts: list[str], n: int = 400) -> dict:
     clf.scores(texts[:2])  # load
-    first = Classifier(clf.head).scores(texts[:n])[:, 0]
+    first = Classifier(clf.head, neighbours=clf.neighbours).scores(texts[:n])[:, 0]  # what the route reads
     routed = float((first >= clf.second.route).mean()) if clf.second else 0.0
     times = []
     for text in texts[:n]:

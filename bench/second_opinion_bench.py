@@ -1,7 +1,8 @@
 """The second opinion against the USE head alone, in one run: the committed classifier as served, the
-same head without its second opinion (recall at 1% FPR needs no threshold of its own), and the
-classifier as served but with a text's lines not read alone, for a head trained with `--lines`
-(segments.py; the same route). `bench/results/lines.md` is its run with such a head (2026-12-01).
+same head without its second opinion (recall at 1% FPR needs no threshold of its own), the classifier
+as served but without its neighbours (neighbours.py; the same route), and as served but with a text's
+lines not read alone, for a head trained with `--lines` (segments.py; the same route).
+`bench/results/lines.md` is its run with such a head (2026-12-01).
 
 - held-out: the test split's attacks against its traffic rows, overall and per language, and the
   share of its traffic flagged at the threshold by seed file (notices, follow-ups, replies...);
@@ -45,17 +46,29 @@ def without_lines(clf: Classifier) -> Classifier:
     """`clf` reading each text whole only, as heads trained before 2026-12-01 did."""
     h = clf.head
     card = {k: v for k, v in h.card.items() if k != "segments"}
-    return Classifier(Head(h.weights, h.biases, h.threshold, card), clf.encode, clf.second, clf.encode_second)
+    return Classifier(Head(h.weights, h.biases, h.threshold, card), clf.encode, clf.second, clf.encode_second,
+                      clf.neighbours)
+
+
+def without_neighbours(clf: Classifier) -> Classifier:
+    """`clf` with each window's `unsafe` the heads' alone, as heads trained before 2026-12-01 had it."""
+    return Classifier(clf.head, clf.encode, clf.second, clf.encode_second)
+
+
+def variants(clf: Classifier) -> dict[str, Classifier]:
+    """`clf` without what it was trained with: its neighbours, its lines read alone."""
+    return (({"served_without_neighbours": without_neighbours(clf)} if clf.neighbours is not None else {}) |
+            ({"served_without_lines": without_lines(clf)} if clf.offset is not None else {}))
 
 
 def cached(clf: Classifier) -> dict[str, Classifier]:
-    """The served classifier, its USE head alone, and it without lines read alone, reading the embedding caches."""
+    """The served classifier, its USE head alone, and its `variants`, reading the embedding caches."""
     use = EmbeddingCache(cache_root() / "classifier" / "embeddings.npz")
     e5 = EmbeddingCache(cache_root() / "classifier" / "e5_embeddings.npz", encoder_e5.encode, encoder_e5.DIM)
     quiet = lambda m: None  # noqa: E731
-    served = Classifier(clf.head, lambda w: use.encode(w, quiet), clf.second, lambda w: e5.encode(w, quiet))
-    out = {"use_head_alone": Classifier(clf.head, served.encode), "served": served}
-    return out | ({"served_without_lines": without_lines(served)} if clf.offset is not None else {})
+    served = Classifier(clf.head, lambda w: use.encode(w, quiet), clf.second, lambda w: e5.encode(w, quiet),
+                        clf.neighbours)
+    return {"use_head_alone": Classifier(clf.head, served.encode), "served": served} | variants(served)
 
 
 def held_out(both: dict[str, Classifier]) -> dict:
@@ -84,14 +97,18 @@ def external(both: dict[str, Classifier], root: Path, threshold: float) -> dict:
     kinds = np.array([r["kind"] for r in rows])
     groups = np.array([f"{r['kind']}/{r['lang']}" for r in rows])
     benign = kinds == "benign"
-    out = {}
+    out = {"rows": {g: int((groups == g).sum()) for g in sorted(set(groups[~benign]))}}
     for name, clf in both.items():
         s = clf.scores([r["text"][:4000] for r in rows])[:, 0]
-        r1 = [metrics.recall_at_fpr(s[groups == g], s[benign]) * (groups == g).sum() for g in set(groups[~benign])]
-        out[name] = {"recall_at_1pct_fpr": round(float(sum(r1) / (~benign).sum()), 4)}
+        r1 = {g: metrics.recall_at_fpr(s[groups == g], s[benign]) for g in out["rows"]}
+        out[name] = {"recall_at_1pct_fpr": round(float(sum(r1[g] * n for g, n in out["rows"].items()) /
+                                                       (~benign).sum()), 4),
+                     "by_kind": {g: round(v, 4) for g, v in r1.items()}}
         if name == "served":
             out[name] |= {"flagged": round(float((s[~benign] >= threshold).mean()), 4),
-                          "benign_flagged": round(float((s[benign] >= threshold).mean()), 4)}
+                          "benign_flagged": round(float((s[benign] >= threshold).mean()), 4),
+                          "flagged_by_kind": {g: round(float((s[groups == g] >= threshold).mean()), 4)
+                                              for g in out["rows"]}}
     return out
 
 
@@ -105,8 +122,7 @@ def run(root: Path | None) -> dict:
     res = {"meta": results_io.meta(route=clf.second.route, threshold=clf.head.threshold), "held_out": held_out(both),
            "traffic_flagged": traffic_flagged(both["served"], clf.head.threshold),
            "latency": {k: {name: latency(c, v) for name, c in
-                           (("served", clf), ("use_head_alone", Classifier(clf.head)),
-                            *((("served_without_lines", without_lines(clf)),) if clf.offset is not None else ()))}
+                           (("served", clf), ("use_head_alone", Classifier(clf.head)), *variants(clf).items())}
                        for k, v in samples.items()}}
     if root is not None:
         res["external"] = external(both, root, clf.head.threshold)
@@ -121,9 +137,9 @@ def lines(res: dict) -> list[str]:
     out += results_io.table(["classifier", "all", "en", "zh", "de"],
                             [[k, v["all"], v["en"], v["zh"], v["de"]] for k, v in h.items()])
     out += ["", f"Served over alone: {h['served']['all'] / h['use_head_alone']['all']:.2f}x."]
-    if "served_without_lines" in h:
-        out += [f"Served over served without lines read alone: "
-                f"{h['served']['all'] / h['served_without_lines']['all']:.2f}x."]
+    for name, what in (("served_without_neighbours", "neighbours"), ("served_without_lines", "lines read alone")):
+        if name in h:
+            out += [f"Served over served without {what}: {h['served']['all'] / h[name]['all']:.2f}x."]
     out += ["",
             "Held-out traffic flagged at the threshold (served), by seed file:", ""]
     out += results_io.table(["seed file", "rows", "flagged"], [[k, *v] for k, v in res["traffic_flagged"].items()])
@@ -133,10 +149,15 @@ def lines(res: dict) -> list[str]:
                              for k, per in res["latency"].items() for name, v in per.items()])
     if "external" in res:
         e = res["external"]
+        names = [k for k in e if k != "rows"]
         out += ["", "Sets kept outside the repository, row-weighted recall at 1% FPR against their benign rows "
                 f"(served: {e['served']['flagged']} of the attacks and {e['served']['benign_flagged']} of the "
                 "benign rows flagged at the threshold):", ""]
-        out += results_io.table(["classifier", "recall@1%FPR"], [[k, v["recall_at_1pct_fpr"]] for k, v in e.items()])
+        out += results_io.table(["classifier", "recall@1%FPR"], [[k, e[k]["recall_at_1pct_fpr"]] for k in names])
+        out += ["", "By kind and language: served, flagged at the threshold; then each classifier's recall at 1% FPR:", ""]
+        out += results_io.table(["kind/lang", "rows", "served flagged", *names],
+                                [[g, n, e["served"]["flagged_by_kind"][g], *(e[k]["by_kind"][g] for k in names)]
+                                 for g, n in e["rows"].items()])
     return out + [""]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from guardrails.classifier import metrics
 from guardrails.classifier.head import CARD, WEIGHTS, Head
 from guardrails.classifier.model import Classifier
+from guardrails.classifier.neighbours import FILE as NEIGHBOURS
 from guardrails.classifier.second import FILE as SECOND
 from guardrails.classifier.second import SecondOpinion
 from kernel.errors import GuardtuneError
@@ -148,7 +149,7 @@ def calibrate(clf: Classifier, texts: list[str], fpr: float, source: str,
     e5 = _remembering(clf.encode_second)
 
     def at(route: float) -> Classifier:
-        return Classifier(clf.head, clf.encode, SecondOpinion(clf.second.net, route), e5)
+        return Classifier(clf.head, clf.encode, SecondOpinion(clf.second.net, route), e5, clf.neighbours)
 
     before, first = scored(at(clf.second.route), texts, log)
 
@@ -199,7 +200,8 @@ def calibrated(clf: Classifier, first: np.ndarray, before: np.ndarray, point: Op
                                 "routed": _share(first >= point.route)}
         opinion = SecondOpinion(opinion.net, point.route)
         card["second"] = {**card["second"], "route": point.route}  # unrounded: it may be the threshold itself
-    return Classifier(Head(head.weights, head.biases, point.threshold, card), clf.encode, opinion, clf.encode_second)
+    return Classifier(Head(head.weights, head.biases, point.threshold, card), clf.encode, opinion, clf.encode_second,
+                      clf.neighbours)
 
 
 def save(clf: Classifier, out: Path) -> dict:
@@ -209,7 +211,7 @@ def save(clf: Classifier, out: Path) -> dict:
     try:
         card = clf.save(tmp)
         out.mkdir(parents=True, exist_ok=True)
-        for name in [WEIGHTS, *([SECOND] if clf.second else []), CARD]:
+        for name in [WEIGHTS, *([SECOND] if clf.second else []), *([NEIGHBOURS] if clf.neighbours else []), CARD]:
             os.replace(tmp / name, out / name)
     except OSError as e:
         raise GuardtuneError(f"{out}: {e}") from None

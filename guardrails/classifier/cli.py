@@ -34,6 +34,8 @@ def add_arguments(sub) -> None:
                                                           "over e5 vectors (e5 embeds every training window: about "
                                                           "one to two hours on 2 cores the first time, then "
                                                           "cached)")
+    t.add_argument("--no-neighbours", action="store_true", help="the heads' scores alone, not blended with "
+                                                                 "nearness to the train split's attacks")
     t.add_argument("--lines", action="store_true", help="read each line of a multi-line text alone too, counting "
                                                          "less (held-out recall up, latency and public catch rate at "
                                                          "the threshold down: docs/guardrails.md)")
@@ -63,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.epochs < 1 or (args.slice is not None and args.slice < 1):
         raise GuardtuneError("--epochs and --slice take a positive number")
-    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice, second=not args.no_second, lines=args.lines)
+    cfg = TrainConfig(head=args.head, epochs=args.epochs, per_group=args.slice, second=not args.no_second,
+                      neighbours=not args.no_neighbours, lines=args.lines)
     out = args.out or _cache_dir(cfg, args.seeds)
     if (out / CARD).exists() and args.out is None and not args.force:
         print(f"reusing {out} (--force retrains)", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Texts in, category scores out: the classifier's view of each text, its encoder windows (all of a
 batch encoded together), the head, and the highest score over a text's windows. A head trained with a
-second opinion has the texts its first score routes there scored again over both encoders."""
+second opinion has the texts its first score routes there scored again over both encoders; one trained
+with neighbours has each window's `unsafe` blended with its neighbour score (neighbours.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 from guardrails.classifier import encoder, encoder_e5
 from guardrails.classifier.categories import OUTPUTS
 from guardrails.classifier.head import COMMITTED, Head
+from guardrails.classifier.neighbours import Neighbours
 from guardrails.classifier.second import SecondOpinion
 from guardrails.classifier.segments import NEVER, segments
 from guardrails.classifier.view import classifier_view
@@ -35,9 +37,10 @@ Encode = Callable[[list[str]], np.ndarray]
 
 class Classifier:
     def __init__(self, head: Head, encode: Encode = encoder.encode, second: SecondOpinion | None = None,
-                 encode_second: Encode = encoder_e5.encode):
+                 encode_second: Encode = encoder_e5.encode, neighbours: Neighbours | None = None):
         self.head, self.encode = head, encode  # training passes caching encoders
         self.second, self.encode_second = second, encode_second
+        self.neighbours = neighbours
 
     @property
     def offset(self) -> float | None:
@@ -50,15 +53,21 @@ class Classifier:
     def load(cls, path: Path | None = None) -> Classifier:
         path = Path(path) if path is not None else COMMITTED
         head = Head.load(path, encoder.DIM)
-        record = head.card.get("second")
-        return cls(head, second=SecondOpinion.load(path, record) if record else None)
+        second, near = head.card.get("second"), head.card.get("neighbours")
+        return cls(head, second=SecondOpinion.load(path, second) if second else None,
+                   neighbours=Neighbours.load(path, near, encoder.DIM) if near and near.get("file") else None)
 
     def save(self, out: Path) -> dict:
-        """The second opinion's weights, then the head and its card (the card names the second)."""
+        """The second opinion's weights and the neighbours, then the head and its card (which names them)."""
         out.mkdir(parents=True, exist_ok=True)
         if self.second is not None:
             self.second.save(out)
+        if self.neighbours is not None:
+            self.neighbours.save(out)
         return self.head.save(out)
+
+    def blend(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return scores if self.neighbours is None else self.neighbours.blend(scores, x)
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """[n, OUTPUTS]: each text's score is its best window's (the second opinion's, where routed)."""
@@ -79,13 +88,14 @@ class Classifier:
                 less += [offset] * len(ws)
         owner, penalty = np.asarray(owners, dtype=np.int64), np.asarray(less, dtype=np.float32)[:, None]
         x = self.encode(flat)
-        first = _best(self.head.scores(x) - penalty, owner, len(texts))
+        first = _best(self.blend(self.head.scores(x), x) - penalty, owner, len(texts))
         out = first.copy()
         if self.second is not None:
             routed = first[:, 0] >= self.second.route
             rows = np.flatnonzero(routed[owner])  # the windows of routed texts
             if len(rows):
-                again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows])) - penalty[rows]
+                again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows]))
+                again = self.blend(again, x[rows]) - penalty[rows]
                 out[routed] = _best(again, owner[rows], len(texts))[routed]
         return out, first
 

@@ -17,6 +17,7 @@ class TrainConfig:
     hard_top: float = 0.10  # a second fit: the train traffic rows the first head scores highest, this share...
     hard_repeat: int = 2  # ...trained on this many more times (0: one fit)
     second: bool = True  # a second-opinion head over USE and e5 vectors, for the inputs routed to it (second.py)
+    neighbours: bool = True  # each window's `unsafe` blended with its nearness to train attacks (neighbours.py)
     lines: bool = False  # opt-in (`--lines`): a multi-line text's lines read alone too, counting less (segments.py)
     route_share: float = 0.04  # the share of calib traffic routed there: ordinary traffic's p95 stays USE's
     fpr: float = 0.01  # the share of benign traffic allowed to be flagged (all languages together; fit.calibrate)

@@ -1,5 +1,5 @@
 """`guardtune guard train`: seeds -> split -> variants -> embeddings -> head -> second opinion ->
-threshold -> test table.
+neighbours -> threshold -> test table.
 
 Both heads are fitted on the train split's head windows; the second opinion's route and the threshold
 are set on the calib split's benign traffic; the test split only measures, through the same path
@@ -25,6 +25,8 @@ from guardrails.classifier.data import SEEDS, Row, digest, load_seeds, sample
 from guardrails.classifier.fit import calibrate, fit_head
 from guardrails.classifier.head import Head
 from guardrails.classifier.model import Classifier, Encode, text_windows
+from guardrails.classifier.neighbours import Neighbours
+from guardrails.classifier.prototypes import choose, fit_neighbours, fold_of, held_out_closeness
 from guardrails.classifier.second import SecondOpinion
 from guardrails.classifier.segments import MAX_CHARS, MIN_CHARS, MOST, NEVER, best_segment, choose_offset, recall_with
 from guardrails.classifier.settings import TrainConfig
@@ -113,6 +115,7 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
         first = Classifier(head, encode=use).scores([r.text for r in calib])[:, 0]
         second = SecondOpinion(net, route_at(first[calib_traffic], cfg.route_share))
     clf = Classifier(head, encode=use, second=second, encode_second=e5)
+    near = with_neighbours(clf, split["train"], x[:len(split["train"])], calib, cfg, use, log) if cfg.neighbours else None
     if cfg.lines:  # the served path reads lines alone once the card names their offset
         head.card = {"segments": line_offset(clf, calib, cfg, log)}
 
@@ -130,9 +133,45 @@ def train(cfg: TrainConfig, out: Path, seeds_dir: Path = SEEDS, log: Callable[[s
                  "seconds": round(time.time() - t0, 1), "test": report, **head.card}
     if second is not None:
         head.card["second"] = second.record(cfg.route_share)
+    if near is not None:
+        head.card["neighbours"] = near
     card = clf.save(out)
     log(f"wrote {out} in {time.time() - t0:.0f} s")
     return card
+
+
+def with_neighbours(clf: Classifier, train: list[Row], train_x: np.ndarray, calib: list[Row], cfg: TrainConfig,
+                    use: Encode, log: Callable[[str], None]) -> dict:
+    """`clf` given the neighbours `neighbours_for` finds, if any, and its route set again on the first
+    head's blended score; what the card says of them."""
+    near, record = neighbours_for(clf, train, train_x, calib, cfg, use, log)
+    if near is not None:
+        clf.neighbours = near
+        if clf.second is not None:
+            first = Classifier(clf.head, encode=use, neighbours=near).scores([r.text for r in calib])[:, 0]
+            clf.second.route = route_at(first[np.array([r.traffic for r in calib])], cfg.route_share)
+    return record
+
+
+def neighbours_for(served: Classifier, train: list[Row], train_x: np.ndarray, calib: list[Row], cfg: TrainConfig,
+                   use: Encode, log: Callable[[str], None]) -> tuple[Neighbours | None, dict]:
+    """The neighbours, their blend chosen on the calib split (prototypes.choose) and their prototypes
+    fitted on every train row (`train_x`: each row's head window), and what the card says of the choice;
+    no neighbours where no blend raises calib recall. `served` scores texts as served without them."""
+    attack = np.array([bool(r.labels) for r in train])
+    log(f"choosing the neighbours' blend on {len(calib)} calib rows, their neighbours from other seed files")
+    calib_x = use([text_windows(r.text)[0] for r in calib])
+    diff = held_out_closeness(train_x, attack, np.array([fold_of(r.source) for r in train]), calib_x,
+                              np.array([fold_of(r.source) for r in calib]), cfg.seed)
+    traffic, attacks = np.array([r.traffic for r in calib]), np.array([bool(r.labels) for r in calib])
+    weight, scale, recall, without = choose(served.scores([r.text for r in calib])[:, 0], diff, traffic, attacks, cfg.fpr)
+    log(f"neighbours weigh {weight} at scale {scale}: calib recall {without:.3f} without them, {recall:.3f} with")
+    chosen = {"chosen_on": "calib, each row's neighbours from seed files of other folds", "calib_recall": round(recall, 4),
+              "calib_recall_without": round(without, 4)}
+    if weight == 0:
+        return None, {"weight": 0.0, **chosen}
+    near = fit_neighbours(train_x, attack, weight, scale, cfg.seed)
+    return near, near.record(chosen)
 
 
 def line_offset(served: Classifier, calib: list[Row], cfg: TrainConfig, log: Callable[[str], None]) -> dict:
