@@ -1,8 +1,9 @@
 """Part 5 of guard_bench: detection on the held-out test split, in one run.
 
-- the trained classifier (USE multilingual v3 + the committed head, and its second opinion over USE and
-  e5 vectors for the inputs routed to it), as serving runs it;
-- the USE head alone, without the second opinion (its recall at 1% FPR: no threshold of its own);
+- the trained classifier (USE multilingual v3 + the committed head blended with its neighbours, and its
+  second opinion over USE and e5 vectors for the inputs routed to it), as serving runs it;
+- the USE head alone, without the second opinion or the neighbours (its recall at 1% FPR: no threshold
+  of its own);
 - today's baseline before it: the injection patterns plus MiniLM similarity to exemplars;
 - the same head trained here on the English MiniLM instead of USE (the encoder choice, measured).
 

@@ -1,5 +1,5 @@
 """The second opinion against the USE head alone, in one run: the committed classifier as served, the
-same head without its second opinion (recall at 1% FPR needs no threshold of its own), the classifier
+same head without its second opinion or neighbours (recall at 1% FPR needs no threshold of its own), the classifier
 as served but without its neighbours (neighbours.py; the same route), and as served but with a text's
 lines not read alone, for a head trained with `--lines` (segments.py; the same route).
 `bench/results/lines.md` is its run with such a head (2026-12-01).

@@ -55,7 +55,7 @@ class Classifier:
         head = Head.load(path, encoder.DIM)
         second, near = head.card.get("second"), head.card.get("neighbours")
         return cls(head, second=SecondOpinion.load(path, second) if second else None,
-                   neighbours=Neighbours.load(path, near, encoder.DIM) if near and near.get("file") else None)
+                   neighbours=Neighbours.load(path, near, encoder.DIM) if near is not None else None)
 
     def save(self, out: Path) -> dict:
         """The second opinion's weights and the neighbours, then the head and its card (which names them)."""
@@ -74,7 +74,8 @@ class Classifier:
         return self.scored(texts)[0]
 
     def scored(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """`scores`, and the first head's scores beside them (equal where the text was not routed).
+        """`scores`, and the first head's scores beside them (equal where the text was not routed; both
+        blended with the neighbours, where the head has them: the route reads the blended first score).
         With an offset, the windows of a text's lines read alone count that much less."""
         owners, flat, less = [], [], []
         line_offset = self.offset  # read from the card once a call, not once a text

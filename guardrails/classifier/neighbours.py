@@ -3,7 +3,7 @@
 The head draws one smooth boundary through the embedding space. An attack phrased like a few written
 ones, in a corner the boundary cuts badly, is still near them. Its neighbour score is
 sigmoid(scale * (mean of the `k` highest cosines to attack prototypes - the same to benign ones)),
-where the prototypes are k-means centres of each class's train vectors (`prototypes.py`), and it is
+where the prototypes are unit k-means centres of each class's train vectors (`prototypes.py`), and it is
 blended into each window's `unsafe` as (1 - weight) * head + weight * neighbours. The other outputs,
 which only name categories, are the head's.
 
@@ -14,6 +14,7 @@ The weight and scale are chosen on calib rows whose neighbours come only from ot
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,18 +70,25 @@ class Neighbours:
                 "weight": self.weight, **chosen}
 
     def save(self, out: Path) -> None:
-        np.savez_compressed(out / FILE, attacks=self.attacks.astype(np.float16), benign=self.benign.astype(np.float16))
+        """float32, as trained: the threshold was set on these very scores, and float16 would move them."""
+        np.savez_compressed(out / FILE, attacks=self.attacks.astype(np.float32), benign=self.benign.astype(np.float32))
 
     @classmethod
-    def load(cls, path: Path, record: dict, dim: int) -> Neighbours:
+    def load(cls, path: Path, record: object, dim: int) -> Neighbours | None:
+        """The neighbours the card's `record` names (None where it names none: a blend of weight 0)."""
+        if isinstance(record, dict) and "file" not in record:
+            return None
         try:
-            with np.load(path / FILE, allow_pickle=False) as z:
-                attacks, benign = unit(z["attacks"]), unit(z["benign"])
-            if attacks.ndim != 2 or benign.ndim != 2 or attacks.shape[1] != dim or benign.shape[1] != dim:
-                raise ValueError(f"{FILE}: prototypes of {attacks.shape} and {benign.shape}, not [m, {dim}]")
+            if not isinstance(record, dict):
+                raise ValueError(f"the card's record of them is {record!r}, not an object")
             k, scale, weight = int(record["k"]), float(record["scale"]), float(record["weight"])
-            if k < 1 or not 0 <= weight <= 1 or not len(attacks) or not len(benign):
-                raise ValueError(f"{FILE}: k {k}, weight {weight}, {len(attacks)} and {len(benign)} prototypes")
-        except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
-            raise GuardtuneError(f"classifier head at {path}: its neighbours: {e}") from None
+            with np.load(path / FILE, allow_pickle=False) as z:
+                attacks, benign = z["attacks"].astype(np.float32), z["benign"].astype(np.float32)
+            if attacks.ndim != 2 or benign.ndim != 2 or attacks.shape[1] != dim or benign.shape[1] != dim:
+                raise ValueError(f"prototypes of {attacks.shape} and {benign.shape}, not [m, {dim}]")
+            if k < 1 or not 0 <= weight <= 1 or not np.isfinite(scale) or not len(attacks) or not len(benign) \
+                    or not (np.isfinite(attacks).all() and np.isfinite(benign).all()):
+                raise ValueError(f"k {k}, weight {weight}, scale {scale}, {len(attacks)} and {len(benign)} prototypes")
+        except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as e:
+            raise GuardtuneError(f"classifier head at {path}: its neighbours ({FILE}): {e}") from None
         return cls(attacks, benign, k, scale, weight)

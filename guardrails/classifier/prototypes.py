@@ -11,7 +11,7 @@ from sklearn.cluster import MiniBatchKMeans
 from guardrails.classifier.metrics import recall_at_fpr
 from guardrails.classifier.neighbours import Neighbours, closer, squash, unit
 
-PER_CLASS = 512  # k-means centres per class: 1 MB of float16 for both, well under a millisecond a window
+PER_CLASS = 512  # k-means centres per class: 2 MB of float32 for both, well under a millisecond a window
 K = 3
 FOLDS = 4  # the seed files fall into this many folds for choosing the blend
 WEIGHTS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6)

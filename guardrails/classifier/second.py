@@ -1,5 +1,5 @@
 """The second opinion: a head over both encoders' vectors (USE's 512 and e5's 384), asked only about the
-inputs whose first-head `unsafe` score reaches `route`.
+inputs whose first-head `unsafe` score (blended with the neighbours, where the head has them) reaches `route`.
 
 `route` is set in training so that a small share of the calib split's benign traffic reaches it
 (`TrainConfig.route_share`); nearly every attack does. So ordinary messages pay for USE alone, and the
@@ -25,7 +25,7 @@ FILE = "second.npz"
 @dataclass
 class SecondOpinion:
     net: Head  # its own threshold is unused: the first head's card holds the served one
-    route: float  # on the first head's `unsafe`
+    route: float  # on the first head's `unsafe`, as blended with the neighbours
 
     def scores(self, first_features: np.ndarray, second_features: np.ndarray) -> np.ndarray:
         return self.net.scores(np.concatenate([first_features, second_features], axis=1))

@@ -1,9 +1,10 @@
 """`guardtune guard train`: seeds -> split -> variants -> embeddings -> head -> second opinion ->
 neighbours -> threshold -> test table.
 
-Both heads are fitted on the train split's head windows; the second opinion's route and the threshold
-are set on the calib split's benign traffic; the test split only measures, through the same path
-serving takes (every window, best score, the second opinion where routed).
+Both heads are fitted on the train split's head windows, the neighbours' prototypes on the same
+vectors; the neighbours' blend, the second opinion's route (on the blended first score) and the
+threshold are set on the calib split; the test split only measures, through the same path serving
+takes (every window blended, best score, the second opinion where routed).
 """
 
 from __future__ import annotations
