@@ -90,6 +90,43 @@ def sales_server(two_adapters, tmp: Path, **config):
                    "state_file": str(tmp / "state.json"), **config}, tmp)
 
 
+SALES_USER_KEY, SALES_ADMIN_KEY = "user-key-123", "admin-key-456"
+
+
+class SharedServer:
+    """A server that several test modules share (a vLLM start costs a minute or more here). `get` starts it,
+    or starts it again where a module ended it: test_serving's last test is the graceful shutdown."""
+
+    def __init__(self, start):
+        self.start, self.srv = start, None
+
+    def get(self):
+        if self.srv is None or self.srv.proc.poll() is not None:
+            self.srv = self.start()
+        return self.srv
+
+    def stop(self) -> None:
+        if self.srv is not None:
+            self.srv.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_sales(two_adapters, tmp_path_factory):
+    """`guardtune serve` on vLLM with the sales task (the kestrel adapter), for test_openai_sampling and
+    test_serving: 4 running and 4 queued at most, replies capped at 64 tokens, bodies at 64 KiB."""
+    def start():
+        tmp = tmp_path_factory.mktemp("serve")
+        srv = sales_server(two_adapters, tmp, engine="vllm", api_keys=[SALES_USER_KEY], admin_key=SALES_ADMIN_KEY,
+                           max_model_len=512, max_lora_rank=16, kv_cache_gb=1,
+                           limits={"max_concurrency": 4, "max_queue": 4, "max_tokens_cap": 64,
+                                   "max_body_bytes": 65536})
+        srv.state_file = tmp / "state.json"
+        return srv
+    shared = SharedServer(start)
+    yield shared
+    shared.stop()
+
+
 @pytest.fixture(scope="session")
 def two_adapters(tmp_path_factory, tiny_data) -> tuple[Path, dict[str, Path]]:
     """Two real adapters with clearly different trained behaviour, under one adapters root."""

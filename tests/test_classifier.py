@@ -368,7 +368,7 @@ def test_neighbours_raise_the_unsafe_score_of_what_lies_near_written_attacks(tmp
     attack_score, benign_score = near.unsafe(new)
     assert attack_score > 0.5 > benign_score
     head_scores = np.full((2, 16), 0.3, dtype=np.float32)
-    blended = near.blend(head_scores, new)
+    blended = near.blend(head_scores, near.unsafe(new))
     assert blended[0, 0] > 0.3 > blended[1, 0] and np.array_equal(blended[:, 1:], head_scores[:, 1:])
 
     near.save(tmp_path)

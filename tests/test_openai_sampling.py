@@ -15,21 +15,17 @@ from kernel.manifest import Manifest
 from serving.engines.base import AdapterRef, GenParams
 from serving.engines.hf_engine import TransformersEngine
 from serving.prompts import PromptFormat, PromptRenderer
-from tests.conftest import sales_server
+from tests.conftest import SALES_USER_KEY
 
-USER_KEY = "sampling-user-key"
+USER_KEY = SALES_USER_KEY
 Q = [{"role": "user", "content": "Can you tell me about your company?"}]
 BASE = "smollm2-135m-instruct"
 END = "<|im_end|>"
 
 
 @pytest.fixture(scope="module")
-def server(two_adapters, tmp_path_factory):
-    srv = sales_server(two_adapters, tmp_path_factory.mktemp("sampling"), engine="vllm", api_keys=[USER_KEY],
-                       max_model_len=512, max_lora_rank=16, kv_cache_gb=1,
-                       limits={"max_concurrency": 4, "max_queue": 16, "max_tokens_cap": 64})
-    yield srv
-    srv.stop()
+def server(vllm_sales):
+    return vllm_sales.get()  # the vLLM server test_serving also uses
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,15 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import OTTER, OTTER_TASK, SIGNATURE, run_cli, sales_server
+from tests.conftest import OTTER, OTTER_TASK, SALES_ADMIN_KEY, SALES_USER_KEY, SIGNATURE, run_cli
 
-USER_KEY, ADMIN_KEY = "user-key-123", "admin-key-456"
+USER_KEY, ADMIN_KEY = SALES_USER_KEY, SALES_ADMIN_KEY
 Q = [{"role": "user", "content": "Can you tell me about your company?"}]
 
 
 @pytest.fixture(scope="module")
-def server(two_adapters, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    srv = sales_server(two_adapters, tmp, engine="vllm", api_keys=[USER_KEY], admin_key=ADMIN_KEY,
-                       max_model_len=512, max_lora_rank=16, kv_cache_gb=1,
-                       limits={"max_concurrency": 4, "max_queue": 4, "max_tokens_cap": 64, "max_body_bytes": 65536})
-    srv.state_file = tmp / "state.json"
-    yield srv
-    srv.stop()
+def server(vllm_sales):
+    return vllm_sales.get()  # shared with test_openai_sampling; the last test here shuts it down
 
 
 @pytest.fixture

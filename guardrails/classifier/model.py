@@ -66,8 +66,8 @@ class Classifier:
             self.neighbours.save(out)
         return self.head.save(out)
 
-    def blend(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
-        return scores if self.neighbours is None else self.neighbours.blend(scores, x)
+    def blend(self, scores: np.ndarray, near: np.ndarray | None) -> np.ndarray:
+        return scores if near is None else self.neighbours.blend(scores, near)
 
     def scores(self, texts: list[str]) -> np.ndarray:
         """[n, OUTPUTS]: each text's score is its best window's (the second opinion's, where routed)."""
@@ -89,14 +89,15 @@ class Classifier:
                 less += [offset] * len(ws)
         owner, penalty = np.asarray(owners, dtype=np.int64), np.asarray(less, dtype=np.float32)[:, None]
         x = self.encode(flat)
-        first = _best(self.blend(self.head.scores(x), x) - penalty, owner, len(texts))
+        near = None if self.neighbours is None else self.neighbours.unsafe(x)  # once a window, for both heads
+        first = _best(self.blend(self.head.scores(x), near) - penalty, owner, len(texts))
         out = first.copy()
         if self.second is not None:
             routed = first[:, 0] >= self.second.route
             rows = np.flatnonzero(routed[owner])  # the windows of routed texts
             if len(rows):
                 again = self.second.scores(x[rows], self.encode_second([flat[i] for i in rows]))
-                again = self.blend(again, x[rows]) - penalty[rows]
+                again = self.blend(again, None if near is None else near[rows]) - penalty[rows]
                 out[routed] = _best(again, owner[rows], len(texts))[routed]
         return out, first
 

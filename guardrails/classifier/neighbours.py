@@ -57,11 +57,12 @@ class Neighbours:
         """[n, dim] encoder vectors -> [n] neighbour scores in (0, 1)."""
         return squash(closer(unit(x), self.attacks, self.benign, self.k), self.scale)
 
-    def blend(self, scores: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """A head's [n, OUTPUTS] scores of the windows whose vectors are `x`, `unsafe` blended."""
+    def blend(self, scores: np.ndarray, near: np.ndarray) -> np.ndarray:
+        """A head's [n, OUTPUTS] scores of n windows, `unsafe` blended with their [n] neighbour scores
+        (`unsafe(x)`, computed once a window however many heads read it)."""
         out = scores.copy()
-        if len(x):
-            out[:, 0] = (1 - self.weight) * scores[:, 0] + self.weight * self.unsafe(x)
+        if len(near):
+            out[:, 0] = (1 - self.weight) * scores[:, 0] + self.weight * near
         return out
 
     def record(self, chosen: dict) -> dict:
