@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import httpx
 import openai
@@ -107,16 +108,22 @@ def test_a_system_turn_is_read_as_the_developers_instructions():
     assert strict.check(injection, role="system").blocked_by.scanner == "prompt_injection"
 
 
+def same_verdict(a, b) -> bool:
+    """Equal, scores to the last bits: the encoder's vectors of a text move that much with its batch."""
+    return (replace(a, score=0.0, scores={}) == replace(b, score=0.0, scores={}) and a.score == pytest.approx(b.score)
+            and a.scores == pytest.approx(b.scores))
+
+
 def test_the_classifier_scores_a_resent_text_once():
     """An app resends its system prompt with every request: the scanner keeps recent scores, bounded."""
     scanner = ContentClassifier()
     scanner.cache.size = 2
     first = scanner.scan_many([GUARDING_SYSTEM, "How long is installation?", GUARDING_SYSTEM])
     assert scanner.cache.hits == 0 and first[0] == first[2]
-    assert scanner.scan(GUARDING_SYSTEM) == first[0] and scanner.cache.hits == 1
+    assert scanner.scan(GUARDING_SYSTEM) == first[0] and scanner.cache.hits == 1  # from the cache: exactly
     scanner.scan_many(["Do you install batteries?", "Solar panels in winter"])  # evicts both earlier texts
     assert len(scanner.cache._rows) == 2
-    assert scanner.scan(GUARDING_SYSTEM) == first[0] and scanner.cache.hits == 1
+    assert same_verdict(scanner.scan(GUARDING_SYSTEM), first[0]) and scanner.cache.hits == 1  # scored again, alone
 
 
 @pytest.fixture(scope="module")

@@ -63,13 +63,15 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403",
 
 
 def run_schemathesis(url: str, workdir: Path, *, user: str, admin: str, ops: str | None = None,
-                     max_examples: int = 25, timeout: int = 300) -> tuple[subprocess.CompletedProcess, int, int]:
-    """(process, operations tested, cases generated) of one Schemathesis run over the server's own schema."""
+                     max_examples: int = 25, timeout: int = 300,
+                     workers: int = 2) -> tuple[subprocess.CompletedProcess, int, int]:
+    """(process, operations tested, cases generated) of one Schemathesis run over the server's own schema.
+    Two workers: the client's case generation and the server's handling overlap on two cores."""
     cfg = workdir / "schemathesis.toml"
     cfg.write_text(CONFIG.format(admin=admin, user=user, ops=ops or user))
     proc = subprocess.run([sys.executable, "-m", "schemathesis.cli", "--config-file", str(cfg), "run",
                            f"{url}/openapi.json", "--checks", "all", "--seed", str(SEED), "--max-examples",
-                           str(max_examples), "--workers", "1", "--phases", "examples,coverage,fuzzing",
+                           str(max_examples), "--workers", str(workers), "--phases", "examples,coverage,fuzzing",
                            "--request-timeout", "60"], cwd=workdir, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     tested, cases = re.search(r"Tested: (\d+)", out), re.search(r"(\d+) generated", out)
